@@ -1,0 +1,253 @@
+"""`global_align`: pair predictions -> `Reconstruction` (options, memory check, 1/2-image paths, result assembly)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from dust3r_ns.scene import Reconstruction
+
+from .baseline import solve_baseline
+from .core import Constraints, State, apply_known_poses, fit_edges, mst_init, objective
+from .data import AlignError, PairData, parse_output
+from .fast import solve_fast
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on the device (CUDA: mem_get_info; CPU: MemAvailable of /proc/meminfo), None if unknown."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_memory(n_images: int, n_edges: int, H: int, W: int, mode: str, store_bytes: int = 4) -> int:
+    """Rough peak bytes of an alignment run (pair stacks + solver working set)."""
+    px = H * W
+    preds = n_edges * px * 8 * store_bytes
+    if mode == "baseline":
+        # autograd keeps float copies, transformed maps, gathered world points, differences and gradients per edge
+        work = n_edges * px * 44 * 4 + n_images * px * 24 * 4
+    else:
+        chunk = min(n_edges, max(1, (1 << 22) // px)) * px
+        work = chunk * 30 * 4 + n_images * px * 20 * 4
+    return int(preds + work + 256 * 2 ** 20)
+
+
+def _suggest_graph(n: int, budget: int, H: int, W: int, mode: str, store_bytes: int) -> str:
+    for k in (10, 8, 6, 5, 4, 3, 2, 1):
+        e = 2 * n * k
+        if estimate_memory(n, e, H, W, mode, store_bytes) < budget:
+            return f"scene_graph='swin-{k}' (~{e} pairs)"
+    return "fewer images or a smaller image size (224)"
+
+
+def _known_K(known_K: Any, N: int, transforms: np.ndarray, K_space: str) -> tuple[np.ndarray, np.ndarray]:
+    """-> (K_net (N,3,3) float64 with NaN rows for unknown, mask (N,) bool)."""
+    Ks = np.full((N, 3, 3), np.nan)
+    if isinstance(known_K, Mapping):
+        for k, v in known_K.items():
+            if not 0 <= int(k) < N:
+                raise AlignError(f"known_K has image index {k}, expected 0..{N - 1}")
+            Ks[int(k)] = np.asarray(v, dtype=np.float64).reshape(3, 3)
+    else:
+        arr = np.asarray(known_K, dtype=np.float64)
+        if arr.shape == (3, 3):
+            arr = np.broadcast_to(arr, (N, 3, 3))
+        if arr.shape != (N, 3, 3):
+            raise AlignError(f"known_K must be (N,3,3)=({N},3,3), a 3x3 shared by all, or a dict idx->3x3; got {arr.shape}")
+        Ks[:] = arr
+    mask = np.isfinite(Ks).all((1, 2))
+    if K_space == "orig":
+        from dust3r_ns.conventions import K_orig_to_net
+
+        Ks[mask] = np.asarray(K_orig_to_net(Ks[mask], transforms[mask]), dtype=np.float64)
+    elif K_space != "net":
+        raise AlignError(f"K_space must be 'orig' (original-image pixels) or 'net' (network pixels), got {K_space!r}")
+    if mask.any() and (Ks[mask, 0, 0] <= 0).any():
+        raise AlignError("known_K has a non-positive focal length")
+    return Ks, mask
+
+
+def _known_c2w(known_c2w: Any, N: int) -> tuple[np.ndarray, np.ndarray]:
+    P = np.full((N, 4, 4), np.nan)
+    if isinstance(known_c2w, Mapping):
+        for k, v in known_c2w.items():
+            if not 0 <= int(k) < N:
+                raise AlignError(f"known_c2w has image index {k}, expected 0..{N - 1}")
+            P[int(k)] = np.asarray(v, dtype=np.float64).reshape(4, 4)
+    else:
+        arr = np.asarray(known_c2w, dtype=np.float64)
+        if arr.shape != (N, 4, 4):
+            raise AlignError(f"known_c2w must be (N,4,4)=({N},4,4) (NaN for unknown) or a dict idx->4x4; got {arr.shape}")
+        P[:] = arr
+    mask = np.isfinite(P).all((1, 2))
+    if mask.any():
+        R = P[mask, :3, :3]
+        if np.abs(R @ R.transpose(0, 2, 1) - np.eye(3)).max() > 1e-4 or (np.linalg.det(R) < 0).any():
+            raise AlignError("known_c2w rotations must be orthonormal with det +1 (camera-to-world, OpenCV axes)")
+    return P, mask
+
+
+def global_align(output: dict, mode: str = "fast", device: str | torch.device = "cpu", niter: int | None = None,
+                 shared_focal: bool = False, known_K: Any = None, K_space: str = "orig", known_c2w: Any = None,
+                 optimize_pp: bool = False, conf_thr: float = 3.0, dtype: torch.dtype = torch.float32,
+                 verbose: bool = True, memory_limit_bytes: int | None = None, tol: float = 1e-4,
+                 stride: int | None = None, lr: float = 0.01, metric_iter: int = 10) -> Reconstruction:
+    """Align pairwise DUSt3R predictions into one reconstruction.
+
+    output: the pair-inference dict (view1/view2 with idx, true_shape [, img, name, orig_size, transform];
+        pred1 pts3d/conf, pred2 pts3d_in_other_view/conf).
+    mode: 'fast' (ours: closed-form IRLS blocks, coarse-to-fine, early stop at relative change `tol`) or
+        'baseline' (reference schedule: Adam lr 0.01, `niter`=300, cosine). Both start from the same MST init.
+    niter: iteration cap (baseline: Adam steps, default 300; fast: outer iterations, default 60).
+    shared_focal: one focal for all images. known_K: (N,3,3), one 3x3, or {idx: 3x3}; `K_space`='orig' means
+        original-image pixels mapped into the network crop with each view's `transform` (identity when absent),
+        'net' means network pixels. Known intrinsics fix the focal and the principal point of those images.
+    known_c2w: {idx: 4x4} or (N,4,4) with NaN rows for unknown (OpenCV camera-to-world). Two or more known poses
+        fix the metric scale (edge-scale normalisation is switched off).
+    optimize_pp: also optimise principal points (of images without known K).
+    conf_thr: confidence threshold stored for masks (`rec.masks()` default uses 3.0). dtype: storage dtype of the
+        pair predictions (torch.float16 halves their memory; maths stays float32).
+    device: where alignment runs ('cpu', 'cuda', ...), independent of where the network ran.
+    memory_limit_bytes: budget for the estimate check (default: the device's available memory).
+    tol/stride/metric_iter: fast-mode early-stop tolerance, sub-sampling stride (None: auto), metric-phase cap.
+    One image -> monocular result (identity pose); two images -> direct pair solution (no iterations).
+    """
+    if mode not in ("fast", "baseline"):
+        raise AlignError(f"mode must be 'fast' or 'baseline', got {mode!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise AlignError(f"dtype must be torch.float32/float16/bfloat16, got {dtype}")
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    # memory check before stacking anything
+    n_pairs, H, W, N = _peek_sizes(output)
+    store_bytes = torch.empty((), dtype=dtype).element_size()
+    need = estimate_memory(N, n_pairs, H, W, mode, store_bytes)
+    budget = memory_limit_bytes if memory_limit_bytes is not None else available_memory(dev)
+    if budget is not None and need > budget:
+        raise AlignError(
+            f"global alignment ({mode}) of {N} images / {n_pairs} pairs at {H}x{W} needs ~{need / 2**30:.1f} GiB but only "
+            f"{budget / 2**30:.1f} GiB is available; use {_suggest_graph(N, budget, H, W, mode, store_bytes)}, "
+            "dtype=torch.float16, or mode='fast'")
+    data = parse_output(output, dev, dtype)
+    N = data.n_images
+    cons = _constraints(data, shared_focal, known_K, K_space, known_c2w, optimize_pp, dev)
+    st = mst_init(data, cons, verbose)
+    stats: dict[str, Any] = dict(iterations=0)
+    if N > 2:
+        if mode == "fast":
+            # pose-free solve first (the scale gauge is well conditioned there), then snap to the known poses;
+            # with >= 2 known poses a short metric phase follows (the metric objective drifts towards shrinking,
+            # so it is capped: see README of the align package / report)
+            free = dataclasses.replace(cons, pose_mask=None, known_c2w=None)
+            if cons.pose_mask is not None:
+                st = mst_init(data, free, verbose)
+            stats = solve_fast(data, st, free, max_iter=60 if niter is None else niter, tol=tol, stride=stride,
+                               verbose=verbose)
+            if cons.pose_mask is not None:
+                apply_known_poses(st, cons)
+                fit_edges(data, st, irls_eps=None)
+                if not cons.normalize_scale:
+                    s2 = solve_fast(data, st, cons, max_iter=metric_iter, tol=1e-3, stride=stride, verbose=verbose)
+                    stats["iterations"] += s2["iterations"]
+        else:
+            stats = solve_baseline(data, st, cons, niter=300 if niter is None else niter, lr=lr, verbose=verbose)
+    if N == 1 and cons.pose_mask is None:
+        # monocular: the world is the camera frame
+        st.c2w = torch.eye(4, device=st.c2w.device)[None].clone()
+        fit_edges(data, st, irls_eps=None)
+    loss = objective(data, st)
+    rec = _to_reconstruction(data, st, cons)
+    rec.meta.update(mode=mode if N > 2 else ("pair" if N == 2 else "monocular"), loss=float(loss),
+                    iterations=int(stats.get("iterations", 0)), seconds=float(time.perf_counter() - t0),
+                    conf_thr=float(conf_thr))
+    return rec
+
+
+def _peek_sizes(output: dict) -> tuple[int, int, int, int]:
+    try:
+        p = output["pred1"]["pts3d"]
+        idx = list(output["view1"]["idx"]) + list(output["view2"]["idx"])
+    except (KeyError, TypeError) as e:
+        raise AlignError(f"pair output lacks {e}: pass the dict returned by inference(pairs, model, ...)") from e
+    if isinstance(p, (list, tuple)):
+        P = len(p)
+        H = max(int(torch.as_tensor(t).shape[-3]) for t in p)
+        W = max(int(torch.as_tensor(t).shape[-2]) for t in p)
+    else:
+        P, H, W = int(p.shape[0]), int(p.shape[1]), int(p.shape[2])
+    N = int(max(int(i) for i in idx)) + 1
+    return P, H, W, N
+
+
+def _constraints(data: PairData, shared_focal: bool, known_K: Any, K_space: str, known_c2w: Any, optimize_pp: bool,
+                 dev: torch.device) -> Constraints:
+    N = data.n_images
+    cons = Constraints(shared_focal=bool(shared_focal), optimize_pp=bool(optimize_pp))
+    if known_K is not None:
+        Ks, mask = _known_K(known_K, N, data.transforms, K_space)
+        if mask.any():
+            if shared_focal and not mask.all():
+                raise AlignError("shared_focal with known_K for only some images is ambiguous; give K for all or none")
+            f = np.where(mask[:, None], np.stack([Ks[:, 0, 0], Ks[:, 1, 1]], -1), 1.0)
+            pp = np.stack([data.shapes[:, 1] / 2, data.shapes[:, 0] / 2], -1).astype(np.float64)
+            pp[mask] = Ks[mask][:, :2, 2]
+            cons.known_focal = torch.as_tensor(f, device=dev)
+            cons.focal_mask = torch.as_tensor(mask, device=dev)
+            cons.known_pp = torch.as_tensor(pp, device=dev, dtype=torch.float32)
+            cons.pp_mask = torch.as_tensor(mask, device=dev)
+            cons.known_K_net = Ks
+    if known_c2w is not None:
+        P, mask = _known_c2w(known_c2w, N)
+        if mask.any():
+            cons.known_c2w = torch.as_tensor(np.where(mask[:, None, None], P, np.eye(4)), device=dev,
+                                             dtype=torch.float32)
+            cons.pose_mask = torch.as_tensor(mask, device=dev)
+            cons.known_c2w_np = P
+    return cons
+
+
+@torch.no_grad()
+def _to_reconstruction(data: PairData, st: State, cons: Constraints) -> Reconstruction:
+    N = data.n_images
+    H, W = data.HW
+    # per-image confidence: max over the edges that predict the image
+    conf = torch.ones(N, H, W, device=st.depth.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*index_reduce.*")
+        conf.index_reduce_(0, data.edges[:, 0], data.conf1.float(), "amax")
+        conf.index_reduce_(0, data.edges[:, 1], data.conf2.float(), "amax")
+    K = np.zeros((N, 3, 3))
+    f = st.focal.double().cpu().numpy()
+    pp = st.pp.double().cpu().numpy()
+    K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = f, f, pp[:, 0], pp[:, 1], 1.0
+    kn = getattr(cons, "known_K_net", None)
+    if kn is not None:
+        m = np.isfinite(kn).all((1, 2))
+        K[m] = kn[m]
+    c2w = st.c2w.double().cpu().numpy()
+    c2w[:, 3] = [0, 0, 0, 1]
+    kp = getattr(cons, "known_c2w_np", None)
+    if kp is not None:
+        m = np.isfinite(kp).all((1, 2))
+        c2w[m] = kp[m]
+    depths, confs = [], []
+    for k in range(N):
+        h, w = data.shapes[k]
+        depths.append(st.depth[k, :h, :w].float().cpu().numpy())
+        confs.append(conf[k, :h, :w].float().cpu().numpy())
+    return Reconstruction(names=data.names, orig_sizes=data.orig_sizes, transforms=data.transforms, c2w=c2w, K=K,
+                          depths=depths, confs=confs, rgbs=data.rgbs)

@@ -1,0 +1,217 @@
+"""`dust3r-ns bench align`: baseline (reference schedule) vs fast global alignment on ground-truth scenes, one run.
+
+For each case (N images, network size, scene graph) both modes run on the same oracle pair predictions, each in its
+own spawned process (so peak RSS is its own). Reports median seconds, iterations, final loss (the shared objective),
+peak RSS, ATE (% of the GT camera spread, after Sim(3)), RRA (mean/max deg) and focal error (%), plus the
+baseline/fast ratios. Scenes come from `dust3r_ns.synth` (ray-cast, with visibility) or the toy generator
+(`source='toy'`, no rendering, for smoke runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class AlignBenchConfig:
+    n: list[int] = field(default_factory=lambda: [8, 16, 32])
+    """Image counts run with a complete graph at `size`."""
+    size: str = "96x128"
+    """Network resolution HxW of the `n` and `swin_n` cases."""
+    swin_n: list[int] = field(default_factory=lambda: [64])
+    """Image counts run with a swin graph at `size`."""
+    swin_window: int = 3
+    """Half-window of the swin graph (pairs (i, i+1..k), both directions)."""
+    hires_n: list[int] = field(default_factory=lambda: [8])
+    """Image counts run with a complete graph at `hires_size`."""
+    hires_size: str = "384x512"
+    modes: list[str] = field(default_factory=lambda: ["baseline", "fast"])
+    noise: float = 0.01
+    """Multiplicative point-map noise of the oracle predictions (synth: NoiseConfig default scaled by this)."""
+    baseline_niter: int = 300
+    repeats: int = 1
+    """Timed runs per mode and case (the median is reported)."""
+    device: str = "cpu"
+    threads: int = 0
+    """torch threads in the children (0: torch's default)."""
+    source: str = "synth"
+    """'synth' (dust3r_ns.synth ray-cast scenes) or 'toy' (no rendering)."""
+    seed: int = 0
+    isolate: bool = True
+    """Run each mode in a spawned process (peak RSS per mode); False runs inline (no RSS)."""
+    json_out: str = ""
+    """Optional path for the results as JSON."""
+
+
+def _hw(s: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in s.lower().split("x"))
+    except ValueError as e:
+        raise ValueError(f"size must look like 96x128 (HxW), got {s!r}") from e
+    return h, w
+
+
+def graph_edges(n: int, graph: str) -> list[tuple[int, int]]:
+    """Symmetric edge list: 'complete' or 'swin-k' (non-cyclic window k)."""
+    try:
+        from dust3r_ns.pairs import graph_edges as ge
+
+        return [tuple(map(int, e)) for e in ge(n, graph, symmetrize=True)]
+    except Exception:  # pairs module not available or graph name unknown to it
+        pass
+    if graph == "complete":
+        return [(i, j) for i in range(n) for j in range(n) if i != j]
+    if graph.startswith("swin-"):
+        k = int(graph.split("-")[1])
+        und = sorted({(i, i + d) for i in range(n) for d in range(1, k + 1) if i + d < n})
+        return [e for a, b in und for e in ((a, b), (b, a))]
+    raise ValueError(f"unknown scene graph {graph!r}")
+
+
+def make_case(source: str, n: int, H: int, W: int, graph: str, noise: float, seed: int):
+    """-> (pair output dict, gt dict with c2w (N,4,4), K (N,3,3))."""
+    edges = graph_edges(n, graph)
+    if source == "toy":
+        from .toy import make_pairs_output
+
+        out, gt = make_pairs_output(n=n, shapes=[(H, W)] * n, noise=noise, seed=seed, edges=edges)
+        return out, dict(c2w=gt["c2w"], K=gt["K"])
+    if source != "synth":
+        raise ValueError(f"source must be 'synth' or 'toy', got {source!r}")
+    from dust3r_ns import synth
+
+    scene = synth.make_scene(seed)
+    c2w, K = synth.camera_path(scene, n, baseline="moderate", seed=seed, **_hw_kwargs(synth.camera_path, H, W))
+    views = synth.render_views(scene, c2w, K, H, W) if hasattr(synth, "render_views") else \
+        [dict(synth.render(scene, c2w[k], K[k], H, W), c2w=c2w[k], K=K[k], idx=k) for k in range(n)]
+    noise_cfg = synth.NoiseConfig().scaled(noise / 0.01) if hasattr(synth.NoiseConfig, "scaled") else synth.NoiseConfig()
+    out = synth.oracle_pairs(views, edges, noise=noise_cfg, seed=seed)
+    return out, dict(c2w=np.asarray(c2w, np.float64), K=np.asarray(K, np.float64))
+
+
+def _hw_kwargs(fn, H: int, W: int) -> dict:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    out = {}
+    if "H" in params:
+        out["H"] = H
+    if "W" in params:
+        out["W"] = W
+    return out
+
+
+def pose_metrics(c2w_est: np.ndarray, c2w_gt: np.ndarray) -> dict:
+    try:
+        from dust3r_ns.metrics import pose_metrics as pm
+
+        return dict(pm(c2w_est, c2w_gt))
+    except ImportError:
+        pass
+    from .geometry import umeyama
+
+    s, R, t = umeyama(torch.tensor(c2w_est[None, :, :3, 3]), torch.tensor(c2w_gt[None, :, :3, 3]))
+    al = s[0].item() * c2w_est[:, :3, 3] @ R[0].numpy().T + t[0].numpy()
+    spread = np.linalg.norm(c2w_gt[:, :3, 3] - c2w_gt[:, :3, 3].mean(0), axis=1).mean()
+    ate = float(np.sqrt((np.linalg.norm(al - c2w_gt[:, :3, 3], axis=1) ** 2).mean()) / spread * 100)
+    errs = []
+    n = len(c2w_gt)
+    for i in range(n):
+        for j in range(i + 1, n):
+            Re = c2w_est[i, :3, :3].T @ c2w_est[j, :3, :3]
+            Rg = c2w_gt[i, :3, :3].T @ c2w_gt[j, :3, :3]
+            d = np.linalg.norm(Re - Rg) / (2 * math.sqrt(2))
+            errs.append(math.degrees(2 * math.asin(min(1.0, d))))
+    return dict(ate_pct=ate, rra_mean_deg=float(np.mean(errs)), rra_max_deg=float(np.max(errs)))
+
+
+def _run_mode(source: str, n: int, H: int, W: int, graph: str, noise: float, seed: int, mode: str, niter: int | None,
+              repeats: int, device: str, threads: int) -> dict:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    from . import global_align
+
+    out, gt = make_case(source, n, H, W, graph, noise, seed)
+    if device != "cpu":   # predictions live on the device as after GPU inference
+        out = {k: ({kk: (vv.to(device) if isinstance(vv, torch.Tensor) and kk != "true_shape" else vv)
+                    for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in out.items()}
+    times, rec = [], None
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rec = global_align(out, mode=mode, device=device, niter=niter, verbose=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    assert rec is not None
+    pm = pose_metrics(rec.c2w, gt["c2w"])
+    ferr = float(np.abs(rec.focals / gt["K"][:, 0, 0] - 1).mean() * 100)
+    res = dict(mode=mode, n=n, size=f"{H}x{W}", graph=graph, edges=len(graph_edges(n, graph)),
+               seconds=float(np.median(times)), iterations=int(rec.meta["iterations"]), loss=float(rec.meta["loss"]),
+               ate_pct=float(pm["ate_pct"]), rra_mean_deg=float(pm["rra_mean_deg"]),
+               rra_max_deg=float(pm.get("rra_max_deg", float("nan"))), focal_err_pct=ferr)
+    if device.startswith("cuda"):
+        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return res
+
+
+def cases(cfg: AlignBenchConfig) -> list[tuple[int, int, int, str]]:
+    H, W = _hw(cfg.size)
+    Hh, Wh = _hw(cfg.hires_size)
+    cs = [(n, H, W, "complete") for n in cfg.n]
+    cs += [(n, H, W, f"swin-{cfg.swin_window}") for n in cfg.swin_n]
+    cs += [(n, Hh, Wh, "complete") for n in cfg.hires_n]
+    return cs
+
+
+def run(cfg: AlignBenchConfig) -> list[dict]:
+    """Run every case in both modes; print a table and the baseline/fast ratios; return the rows."""
+    rows = []
+    for n, H, W, graph in cases(cfg):
+        by_mode = {}
+        for mode in cfg.modes:
+            args = (cfg.source, n, H, W, graph, cfg.noise, cfg.seed, mode,
+                    cfg.baseline_niter if mode == "baseline" else None, cfg.repeats, cfg.device, cfg.threads)
+            if cfg.isolate:
+                from dust3r_ns.bench.common import run_isolated
+
+                r = run_isolated(_run_mode, *args)
+            else:
+                r = _run_mode(*args)
+                r["peak_rss_mb"] = float("nan")
+            by_mode[mode] = r
+            rows.append(r)
+            print(_fmt(r), flush=True)
+        if "baseline" in by_mode and "fast" in by_mode:
+            b, f = by_mode["baseline"], by_mode["fast"]
+            print(f"  -> N={n} {H}x{W} {graph}: speed-up x{b['seconds'] / f['seconds']:.1f}, "
+                  f"RSS ratio fast/baseline {f['peak_rss_mb'] / b['peak_rss_mb']:.2f}, "
+                  f"loss ratio fast/baseline {f['loss'] / b['loss']:.3f}", flush=True)
+    if cfg.json_out:
+        with open(cfg.json_out, "w") as fh:
+            json.dump(dict(config=cfg.__dict__, rows=rows), fh, indent=1)
+    return rows
+
+
+def _fmt(r: dict) -> str:
+    return (f"{r['mode']:8s} N={r['n']:3d} {r['size']:>8s} {r['graph']:9s} E={r['edges']:5d} "
+            f"{r['seconds']:8.2f}s it={r['iterations']:4d} loss={r['loss']:.5g} RSS={r['peak_rss_mb']:.0f}MB "
+            f"ATE={r['ate_pct']:.3f}% RRA={r['rra_mean_deg']:.3f}/{r['rra_max_deg']:.3f}deg "
+            f"focal={r['focal_err_pct']:.3f}%" + (f" cuda={r['cuda_peak_mb']:.0f}MB" if "cuda_peak_mb" in r else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    run(tyro.cli(AlignBenchConfig, args=argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""Alignment state, the reference objective (chunked over edges), and the shared minimum-spanning-tree initialisation.
+
+State: per image c2w (N,4,4), focal (N,), principal point (N,2), depth (N,H,W); per edge a similarity
+P_e(x) = s_e R_e x + t_e mapping the pair's point maps (camera-i frame) into the world.
+Objective (reference): sum_e [sum w1 ||X_i - P_e(pts1_e)|| + sum w2 ||X_j - P_e(pts2_e)||] / areas, w = log(conf),
+with the edge scales normalised to a geometric mean of `BASE_SCALE` unless the metric scale is fixed by known poses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import AlignError, PairData
+from .geometry import Moments, estimate_focal, pixel_grid, so3_exp, umeyama
+
+BASE_SCALE = 0.5
+
+
+@dataclass
+class Constraints:
+    """What is fixed: known focals/pp (net pixels), known c2w, shared focal, principal-point optimisation."""
+
+    known_focal: torch.Tensor | None = None    # (N,2) fx, fy or None
+    known_pp: torch.Tensor | None = None       # (N,2) or None
+    focal_mask: torch.Tensor | None = None     # (N,) bool: focal known
+    known_c2w: torch.Tensor | None = None      # (N,4,4)
+    pose_mask: torch.Tensor | None = None      # (N,) bool: pose known
+    shared_focal: bool = False
+    optimize_pp: bool = False
+    pp_mask: torch.Tensor | None = None        # (N,) bool: principal point known
+    known_K_net: np.ndarray | None = None      # (N,3,3) NaN rows for unknown (reported as given)
+    known_c2w_np: np.ndarray | None = None     # (N,4,4) NaN rows for unknown (reported as given)
+
+    def n_known_poses(self) -> int:
+        return 0 if self.pose_mask is None else int(self.pose_mask.sum())
+
+    @property
+    def normalize_scale(self) -> bool:
+        """Edge-scale normalisation is only needed while the scale gauge is free (fewer than 2 known poses)."""
+        return self.n_known_poses() < 2
+
+
+@dataclass
+class State:
+    c2w: torch.Tensor      # (N,4,4)
+    focal: torch.Tensor    # (N,)
+    pp: torch.Tensor       # (N,2)
+    depth: torch.Tensor    # (N,H,W)
+    s: torch.Tensor        # (E,)
+    R: torch.Tensor        # (E,3,3)
+    t: torch.Tensor        # (E,3)
+    history: list = field(default_factory=list)
+
+    def clone(self) -> "State":
+        return State(*(x.clone() for x in (self.c2w, self.focal, self.pp, self.depth, self.s, self.R, self.t)))
+
+
+def edge_chunk(data: PairData, max_elems: int = 1 << 22) -> int:
+    H, W = data.HW
+    return max(1, min(data.n_edges, max_elems // max(H * W, 1)))
+
+
+def world_points(c2w: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor, depth: torch.Tensor,
+                 stride: int = 1) -> torch.Tensor:
+    """(N,h,w,3) world points from depth maps (already sub-sampled by `stride` when stride > 1)."""
+    N, h, w = depth.shape
+    u, v = pixel_grid(h * stride, w * stride, depth.device, depth.dtype, stride)
+    u, v = u[:h, :w], v[:h, :w]
+    x = (u[None] - pp[:, 0, None, None]) / focal[:, None, None] * depth
+    y = (v[None] - pp[:, 1, None, None]) / focal[:, None, None] * depth
+    pc = torch.stack([x, y, depth], -1)
+    return torch.einsum("nij,nhwj->nhwi", c2w[:, :3, :3], pc) + c2w[:, None, None, :3, 3]
+
+
+def apply_sim(s: torch.Tensor, R: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """P(p) = s R p + t for p (b,h,w,3), s (b,), R (b,3,3), t (b,3)."""
+    return s[:, None, None, None] * torch.einsum("bij,bhwj->bhwi", R, p.float()) + t[:, None, None, :]
+
+
+def areas(data: PairData) -> tuple[float, float]:
+    a = torch.as_tensor(data.shapes.prod(-1), dtype=torch.float64)
+    e = data.edges.cpu()
+    return float(a[e[:, 0]].sum()), float(a[e[:, 1]].sum())
+
+
+@torch.no_grad()
+def objective(data: PairData, st: State, stride: int = 1) -> float:
+    """The reference loss (log-conf weighted L2 distances, normalised by areas), evaluated chunk by chunk."""
+    X = world_points(st.c2w, st.focal, st.pp, st.depth[:, ::stride, ::stride], stride)
+    area_i, area_j = areas(data)
+    area_i, area_j = area_i / stride ** 2, area_j / stride ** 2
+    li = lj = 0.0
+    ch = edge_chunk(data, (1 << 22) * stride ** 2)
+    for a in range(0, data.n_edges, ch):
+        sl = slice(a, a + ch)
+        e = data.edges[sl]
+        p1 = data.pts1[sl, ::stride, ::stride]
+        p2 = data.pts2[sl, ::stride, ::stride]
+        w1 = data.weights(1, sl)[:, ::stride, ::stride]
+        w2 = data.weights(2, sl)[:, ::stride, ::stride]
+        d1 = (X[e[:, 0]] - apply_sim(st.s[sl], st.R[sl], st.t[sl], p1)).norm(dim=-1)
+        d2 = (X[e[:, 1]] - apply_sim(st.s[sl], st.R[sl], st.t[sl], p2)).norm(dim=-1)
+        li += float((w1 * d1).sum())
+        lj += float((w2 * d2).sum())
+    return li / area_i + lj / area_j
+
+
+def normalize_edge_scales(st: State, cons: Constraints) -> None:
+    """Rescale the whole solution so that the geometric mean of edge scales is BASE_SCALE (no-op if metric)."""
+    if not cons.normalize_scale:
+        return
+    c = BASE_SCALE / torch.exp(torch.log(st.s.clamp_min(1e-30)).mean())
+    st.s *= c
+    st.t *= c
+    st.c2w[:, :3, 3] *= c
+    st.depth *= c
+
+
+# ---------------------------------------------------------------------------------------------------- camera fit
+def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor,
+                cons: Constraints, stride: int = 1, iters: int = 3, lam: float = 1e-4, pose_free: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Levenberg-Marquardt on (rotation, centre, log-focal, pp) per image minimising sum A * dist(Y, ray)^2.
+
+    Y (N,h,w,3) target world points, A (N,h,w) weights. The depth along each ray is eliminated (optimal per pixel).
+    Shared focal couples the images through one global unknown; known poses/focals stay fixed.
+    """
+    N, h, w, _ = Y.shape
+    dev, dt = Y.device, Y.dtype
+    u, v = pixel_grid(h * stride, w * stride, dev, dt, stride)
+    u, v = u[:h, :w].reshape(-1), v[:h, :w].reshape(-1)
+    Yf, Af = Y.reshape(N, -1, 3), A.reshape(N, -1)
+    # choose a sparse pixel subset for the Jacobian when maps are large (the fit is 9 unknowns per image)
+    M = Yf.shape[1]
+    if M > 8192:
+        sel = torch.linspace(0, M - 1, 8192, device=dev).long()
+        Yf, Af, u, v = Yf[:, sel], Af[:, sel], u[sel], v[sel]
+    Af = Af.clamp_min(0)
+
+    def residual(R_, C_, f_, p_):
+        """Point-to-ray residual e (N,M,3) in the camera frame plus pieces for the Jacobian."""
+        D = Yf - C_[:, None, :]                                   # world offsets (N,M,3)
+        Z = D @ R_                                                # camera-frame targets R^T (Y - C)
+        rx = (u[None] - p_[:, 0, None]) / f_[:, None]
+        ry = (v[None] - p_[:, 1, None]) / f_[:, None]
+        r = torch.stack([rx, ry, torch.ones_like(rx)], -1)
+        rr = (r * r).sum(-1, keepdim=True)
+        lam_ = (r * Z).sum(-1, keepdim=True) / rr
+        return Z - lam_ * r, D, Z, r, rr, lam_
+
+    def jacobian(R_, C_, f_, p_):
+        e, D, Z, r, rr, lam_ = residual(R_, C_, f_, p_)
+        Pm = torch.eye(3, device=dev, dtype=dt) - r[..., :, None] * r[..., None, :] / rr[..., None]   # (N,M,3,3)
+        Rt = R_.transpose(1, 2)[:, None]                                                          # (N,1,3,3)
+        J = torch.zeros(*e.shape, 9, device=dev, dtype=dt)
+        # dZ/dtheta = R^T [D]x ; dZ/dC = -R^T ; de = P dZ
+        J[..., 0:3] = Pm @ (Rt @ _skew_b(D))
+        J[..., 3:6] = -(Pm @ Rt)
+        # de/dr . dr = -lam dr - r (dr . (Z - 2 lam r)) / rr
+        q = (Z - 2 * lam_ * r) / rr
+        dr_f = -torch.stack([r[..., 0], r[..., 1], torch.zeros_like(r[..., 0])], -1)           # dr/dlogf
+        J[..., 6] = -lam_ * dr_f - r * (dr_f * q).sum(-1, keepdim=True)
+        for k in (0, 1):
+            dr = torch.zeros_like(r)
+            dr[..., k] = -1.0 / f_[:, None]
+            J[..., 7 + k] = -lam_ * dr - r * (dr * q).sum(-1, keepdim=True)
+        return e, J
+
+    def cost(R_, C_, f_, p_):
+        e = residual(R_, C_, f_, p_)[0]
+        return float((Af * (e * e).sum(-1)).sum())
+
+    # global parameter indices
+    idx = torch.arange(N * 9, device=dev).reshape(N, 9)
+    free = torch.ones(N, 9, dtype=torch.bool, device=dev)
+    if cons.pose_mask is not None:
+        free[cons.pose_mask, :6] = False
+    if pose_free is not None:
+        free[~pose_free, :6] = False
+    if cons.focal_mask is not None:
+        free[cons.focal_mask, 6] = False
+    if not cons.optimize_pp:
+        free[:, 7:9] = False
+    elif cons.pp_mask is not None:
+        free[cons.pp_mask, 7:9] = False
+    if cons.shared_focal:
+        idx[:, 6] = idx[0, 6]
+    R, C = c2w[:, :3, :3], c2w[:, :3, 3]
+    f, p = focal.clone(), pp.clone()
+
+    cur = cost(R, C, f, p)
+    for _ in range(iters):
+        e, J = jacobian(R, C, f, p)                          # (N,M,3), (N,M,3,9)
+        JA = J * Af[..., None, None]
+        Hl = torch.einsum("nmik,nmil->nkl", JA, J).double()   # (N,9,9)
+        gl = torch.einsum("nmik,nmi->nk", JA, e).double()
+        Hl = Hl * (free[:, :, None] & free[:, None, :])
+        gl = gl * free
+        G = N * 9
+        Hg = torch.zeros(G, G, dtype=torch.float64, device=dev)
+        gg = torch.zeros(G, dtype=torch.float64, device=dev)
+        ii = idx[:, :, None].expand(N, 9, 9).reshape(-1)
+        jj = idx[:, None, :].expand(N, 9, 9).reshape(-1)
+        Hg.index_put_((ii, jj), Hl.reshape(-1), accumulate=True)
+        gg.index_add_(0, idx.reshape(-1), gl.reshape(-1))
+        diag = Hg.diagonal()
+        unused = diag <= 0
+        accepted = False
+        for _t in range(6):
+            Hd = Hg + torch.diag(lam * diag + unused.double() + 1e-12)
+            step = -torch.linalg.solve(Hd, gg)
+            d = step[idx].to(dt) * free                      # (N,9)
+            Rn = so3_exp(d[:, :3]) @ R
+            Cn, fn, pn = C + d[:, 3:6], f * torch.exp(d[:, 6]), p + d[:, 7:9]
+            new = cost(Rn, Cn, fn, pn)
+            if new <= cur:
+                R, C, f, p, cur = Rn, Cn, fn, pn, new
+                lam = max(lam / 10, 1e-7)
+                accepted = True
+                break
+            lam *= 10
+        if not accepted:
+            break
+    out = c2w.clone()
+    out[:, :3, :3], out[:, :3, 3] = R, C
+    return out, f, p
+
+
+def _skew_b(w: torch.Tensor) -> torch.Tensor:
+    """Batched cross-product matrices [w]x (...,3,3)."""
+    z = torch.zeros_like(w[..., 0])
+    return torch.stack([z, -w[..., 2], w[..., 1], w[..., 2], z, -w[..., 0], -w[..., 1], w[..., 0], z], -1).reshape(
+        *w.shape[:-1], 3, 3)
+
+
+def depth_from_targets(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor,
+                       prev: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """Closed-form depth per pixel: the point on the pixel's ray closest to the target Y (keeps prev where A = 0)."""
+    N, h, w, _ = Y.shape
+    u, v = pixel_grid(h * stride, w * stride, Y.device, Y.dtype, stride)
+    u, v = u[:h, :w], v[:h, :w]
+    Z = torch.einsum("nhwi,nij->nhwj", Y - c2w[:, None, None, :3, 3], c2w[:, :3, :3])
+    rx = (u[None] - pp[:, 0, None, None]) / focal[:, None, None]
+    ry = (v[None] - pp[:, 1, None, None]) / focal[:, None, None]
+    d = (rx * Z[..., 0] + ry * Z[..., 1] + Z[..., 2]) / (rx * rx + ry * ry + 1)
+    pos = prev[prev > 0]
+    floor = 1e-4 * (pos.median() if pos.numel() else torch.ones((), device=Y.device))
+    return torch.where(A > 0, d.clamp_min(floor), prev)
+
+
+# ---------------------------------------------------------------------------------------------------- MST init
+def edge_scores(data: PairData) -> torch.Tensor:
+    """Per ordered edge: mean(conf1) * mean(conf2) over valid pixels (reference pair score)."""
+    valid = data.valid().float()
+    e = data.edges
+    ch = edge_chunk(data)
+    out = []
+    for a in range(0, data.n_edges, ch):
+        sl = slice(a, a + ch)
+        v1, v2 = valid[e[sl, 0]], valid[e[sl, 1]]
+        m1 = (data.conf1[sl].float() * v1).sum((1, 2)) / v1.sum((1, 2))
+        m2 = (data.conf2[sl].float() * v2).sum((1, 2)) / v2.sum((1, 2))
+        out.append(m1 * m2)
+    return torch.cat(out)
+
+
+def mst_init(data: PairData, cons: Constraints, verbose: bool = False) -> State:
+    """Maximum-spanning-tree chaining of pairwise point maps + per-image Procrustes pose, Weiszfeld focal, depth."""
+    N, E = data.n_images, data.n_edges
+    H, W = data.HW
+    dev = data.pts1.device
+    edges = data.edges.cpu().numpy()
+    score = edge_scores(data).cpu().numpy()
+    # best direction per unordered pair
+    best: dict[tuple[int, int], int] = {}
+    for k, (i, j) in enumerate(edges):
+        if i == j:
+            continue
+        key = (min(i, j), max(i, j))
+        if key not in best or score[k] > score[best[key]]:
+            best[key] = k
+    pts_world: list[torch.Tensor | None] = [None] * N
+    conf = lambda k, side: (data.conf1 if side == 1 else data.conf2)[k].float()  # noqa: E731
+    P = lambda k, side: (data.pts1 if side == 1 else data.pts2)[k].float()       # noqa: E731
+    done = np.zeros(N, bool)
+    if N == 1 or not best:
+        if N > 1:
+            raise AlignError(f"the pair graph has no pair between distinct images ({N} images); use make_pairs(...)")
+        k = int(np.argmax(score))
+        pts_world[0] = P(k, 1)
+        done[0] = True
+    else:
+        k0 = max(best.values(), key=lambda k: score[k])
+        i, j = edges[k0]
+        pts_world[i], pts_world[j] = P(k0, 1), P(k0, 2)
+        done[[i, j]] = True
+        while not done.all():
+            cand = [k for (a, b), k in best.items() if done[a] != done[b]]
+            if not cand:
+                left = np.nonzero(~done)[0].tolist()
+                got = np.nonzero(done)[0].tolist()
+                raise AlignError(f"the pair graph is disconnected: images {left} share no pair with images {got}; "
+                                 "add pairs between them (e.g. scene_graph='complete' or a larger 'swin-k' window)")
+            k = max(cand, key=lambda k: score[k])
+            i, j = edges[k]
+            if done[i]:   # align pts1 (i's points) to the world, carry j's points
+                s, R, t = umeyama(P(k, 1).reshape(1, -1, 3), pts_world[i].reshape(1, -1, 3), conf(k, 1).reshape(1, -1))
+                pts_world[j] = s[0] * P(k, 2) @ R[0].T + t[0]
+                done[j] = True
+            else:
+                s, R, t = umeyama(P(k, 2).reshape(1, -1, 3), pts_world[j].reshape(1, -1, 3), conf(k, 2).reshape(1, -1))
+                pts_world[i] = s[0] * P(k, 1) @ R[0].T + t[0]
+                done[i] = True
+    Xw = torch.stack(pts_world)                                   # (N,H,W,3)
+    shapes_t = torch.as_tensor(data.shapes, device=dev, dtype=torch.float32)
+    pp = torch.stack([shapes_t[:, 1] / 2, shapes_t[:, 0] / 2], -1)
+    if cons.known_pp is not None:
+        pp = cons.known_pp.clone().float()
+    # per image: best edge with the image as first view -> its own camera-frame points
+    first = np.full(N, -1)
+    for k, (i, j) in enumerate(edges):
+        if first[i] < 0 or score[k] > score[first[i]]:
+            first[i] = k
+    c2w = torch.eye(4, device=dev).repeat(N, 1, 1)
+    depth = torch.ones(N, H, W, device=dev)
+    focal = torch.full((N,), 1.0, device=dev)
+    has_first = torch.as_tensor(first >= 0, device=dev)
+    idx_first = torch.as_tensor(np.where(first >= 0, first, 0), device=dev)
+    pc = data.pts1[idx_first].float()                             # (N,H,W,3) camera-frame points
+    wc = data.weights(1)[idx_first] if N > 0 else None
+    valid = data.valid()
+    f_est = estimate_focal(pc, pp, (wc + 1e-6) * valid, shapes=shapes_t)
+    s, R, t = umeyama(pc.reshape(N, -1, 3), Xw.reshape(N, -1, 3), (data.conf1[idx_first].float() * valid).reshape(N, -1))
+    c2w[:, :3, :3], c2w[:, :3, 3] = R, t
+    depth = torch.where(valid, s[:, None, None] * pc[..., 2], torch.ones_like(pc[..., 2]))
+    focal = f_est
+    if cons.shared_focal:
+        focal = torch.exp(torch.log(focal).mean()).expand(N).clone()
+    if cons.focal_mask is not None:
+        focal = torch.where(cons.focal_mask, cons.known_focal.float().mean(-1), focal)
+    if not bool(has_first.all()):
+        # images never used as first view: fit their camera to their world points (point-to-ray LM)
+        miss = ~has_first
+        A = (data.valid().float() * miss[:, None, None].float())
+        for kk in torch.nonzero(miss)[:, 0].tolist():
+            # start at the camera of a neighbour
+            nb = [int(i) for i, j in edges if j == kk and i != kk][0]
+            c2w[kk] = c2w[nb]
+            focal[kk] = focal[nb] if cons.focal_mask is None or not bool(cons.focal_mask[kk]) else focal[kk]
+        c2w_fit, f_fit, _ = fit_cameras(Xw, A, c2w, focal, pp, Constraints(
+            focal_mask=has_first | (cons.focal_mask if cons.focal_mask is not None else False)), iters=30)
+        c2w = torch.where(miss[:, None, None], c2w_fit, c2w)
+        focal = torch.where(miss, f_fit, focal)
+        depth = depth_from_targets(Xw, A, c2w, focal, pp, depth)
+    st = State(c2w=c2w, focal=focal, pp=pp, depth=depth, s=torch.ones(E, device=dev),
+               R=torch.eye(3, device=dev).repeat(E, 1, 1), t=torch.zeros(E, 3, device=dev))
+    apply_known_poses(st, cons)
+    fit_edges(data, st, irls_eps=None)
+    normalize_edge_scales(st, cons)
+    return st
+
+
+def apply_known_poses(st: State, cons: Constraints) -> None:
+    """Replace estimated poses by known ones, carrying depth scale: with >= 2 known poses the world becomes metric."""
+    if cons.pose_mask is None or not bool(cons.pose_mask.any()):
+        return
+    m = cons.pose_mask
+    K = cons.known_c2w.to(st.c2w)
+    if int(m.sum()) >= 2:
+        # similarity from estimated to known camera centres/orientations, applied to the whole estimate
+        # rotation: chordal mean of R_known R_est^T; then scale + translation from the camera centres
+        M = (K[m, :3, :3] @ st.c2w[m, :3, :3].transpose(1, 2)).sum(0).double()
+        U, _, Vh = torch.linalg.svd(M)
+        D = torch.ones(3, dtype=M.dtype, device=M.device)
+        D[2] = torch.sign(torch.det(U @ Vh))
+        R = (U @ torch.diag(D) @ Vh).to(st.c2w)
+        Ce, Ck = st.c2w[m, :3, 3] @ R.T, K[m, :3, 3]
+        ce, ck = Ce - Ce.mean(0), Ck - Ck.mean(0)
+        s = (ce * ck).sum() / (ce * ce).sum().clamp_min(1e-30)
+        if not torch.isfinite(s) or float(s) <= 0:
+            s = torch.ones((), device=st.c2w.device)
+        t = Ck.mean(0) - s * Ce.mean(0)
+        st.c2w[:, :3, :3] = R @ st.c2w[:, :3, :3]
+        st.c2w[:, :3, 3] = s * (st.c2w[:, :3, 3] @ R.T) + t
+        st.depth *= s
+    else:
+        k = int(torch.nonzero(m)[0, 0])
+        T = K[k] @ torch.linalg.inv(st.c2w[k])
+        st.c2w = T[None] @ st.c2w
+    st.c2w[m] = K[m]
+
+
+def fit_edges(data: PairData, st: State, irls_eps: float | None, stride: int = 1,
+              X: torch.Tensor | None = None) -> float:
+    """Closed-form per-edge similarity (weighted Umeyama) to the current world points. Returns the loss before it.
+
+    irls_eps None: weights = log-conf; else IRLS weights log-conf / max(dist, eps) (majorises the L2-norm loss).
+    """
+    if X is None:
+        X = world_points(st.c2w, st.focal, st.pp, st.depth[:, ::stride, ::stride], stride)
+    mom = Moments(data.n_edges, X.device)
+    ch = edge_chunk(data, (1 << 22) * stride ** 2)
+    area_i, area_j = areas(data)
+    loss = 0.0
+    for a in range(0, data.n_edges, ch):
+        sl = slice(a, a + ch)
+        e = data.edges[sl]
+        for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
+            p = pts[sl, ::stride, ::stride].float()
+            w = data.weights(side, sl)[:, ::stride, ::stride]
+            Xt = X[e[:, col]]
+            if irls_eps is not None:
+                dist = (Xt - apply_sim(st.s[sl], st.R[sl], st.t[sl], p)).norm(dim=-1)
+                loss += float((w * dist).sum()) * stride ** 2 / (area_i if side == 1 else area_j)
+                w = w / dist.clamp_min(irls_eps)
+            mom.add(p.reshape(p.shape[0], -1, 3), Xt.reshape(p.shape[0], -1, 3), w.reshape(p.shape[0], -1),
+                    idx=sl)
+    s, R, t = mom.solve(True)
+    ok = torch.isfinite(s) & (s > 0)
+    st.s = torch.where(ok, s.float(), st.s)
+    st.R = torch.where(ok[:, None, None], R.float(), st.R)
+    st.t = torch.where(ok[:, None], t.float(), st.t)
+    return loss

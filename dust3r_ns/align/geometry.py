@@ -1,0 +1,112 @@
+"""Batched geometry for alignment: weighted Sim(3)/SE(3) Procrustes from moments, pixel rays, focal estimation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def pixel_grid(H: int, W: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v) pixel coordinates of shape (H',W') of every `stride`-th pixel (u = column, v = row)."""
+    v = torch.arange(0, H, stride, device=device, dtype=dtype)
+    u = torch.arange(0, W, stride, device=device, dtype=dtype)
+    return u[None, :].expand(len(v), len(u)), v[:, None].expand(len(v), len(u))
+
+
+class Moments:
+    """Accumulated weighted moments between source points x and target points y (batched over B)."""
+
+    def __init__(self, B: int, device: torch.device, dtype: torch.dtype = torch.float64) -> None:
+        z = lambda *s: torch.zeros(B, *s, device=device, dtype=dtype)  # noqa: E731
+        self.w, self.sx, self.sy, self.sxx, self.syx = z(), z(3), z(3), z(), z(3, 3)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, idx: slice | torch.Tensor | None = None) -> None:
+        """x, y (b,M,3), w (b,M); rows go to batch entries `idx` (default all)."""
+        x, y, w = x.float(), y.float(), w.float()
+        wx = x * w[..., None]
+        vals = (w.sum(-1), wx.sum(-2), (y * w[..., None]).sum(-2), (wx * x).sum((-1, -2)), y.transpose(-1, -2) @ wx)
+        for name, val in zip(("w", "sx", "sy", "sxx", "syx"), vals):
+            buf = getattr(self, name)
+            if idx is None:
+                buf += val.to(buf.dtype)
+            else:
+                buf[idx] += val.to(buf.dtype)
+
+    def solve(self, with_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weighted Umeyama: (s, R, t) minimising sum w ||y - (s R x + t)||^2. s = 1 when with_scale is False."""
+        W = self.w.clamp_min(1e-12)
+        mx, my = self.sx / W[:, None], self.sy / W[:, None]
+        cov = self.syx / W[:, None, None] - my[:, :, None] * mx[:, None, :]
+        varx = (self.sxx / W - (mx * mx).sum(-1)).clamp_min(1e-30)
+        U, S, Vh = torch.linalg.svd(cov)
+        d = torch.sign(torch.det(U) * torch.det(Vh))
+        d = torch.where(d == 0, torch.ones_like(d), d)
+        D = torch.ones_like(S)
+        D[:, 2] = d
+        R = U @ (D[:, :, None] * Vh)
+        s = (S * D).sum(-1) / varx if with_scale else torch.ones_like(varx)
+        t = my - s[:, None] * (R @ mx[:, :, None])[..., 0]
+        return s, R, t
+
+
+def umeyama(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None, with_scale: bool = True):
+    """Batched weighted Procrustes y ~ s R x + t for x, y (B,M,3), w (B,M)."""
+    if w is None:
+        w = torch.ones(x.shape[:-1], device=x.device)
+    m = Moments(x.shape[0], x.device)
+    m.add(x, y, w)
+    s, R, t = m.solve(with_scale)
+    return s.to(x.dtype), R.to(x.dtype), t.to(x.dtype)
+
+
+def default_focal(H: int, W: int) -> float:
+    """Focal of a 60 deg field of view on the long side (used to bound focal estimates)."""
+    return max(H, W) / (2 * math.tan(math.radians(60) / 2))
+
+
+def estimate_focal(pts_cam: torch.Tensor, pp: torch.Tensor, weight: torch.Tensor | None = None, iters: int = 10,
+                   min_factor: float = 0.5, max_factor: float = 3.5, shapes: torch.Tensor | None = None) -> torch.Tensor:
+    """Focal per map from camera-frame points (B,H,W,3) by a Weiszfeld fit of (u,v) - pp = f * (X/Z, Y/Z).
+
+    pp: (B,2). Only points with Z > 0 (and weight > 0) count. Clipped to [min, max] x the 60-degree focal.
+    shapes: (B,2) true (H,W) used for the clip bounds (default the map size).
+    """
+    B, H, W, _ = pts_cam.shape
+    u, v = pixel_grid(H, W, pts_cam.device, pts_cam.dtype)
+    px = torch.stack([u, v], -1)[None] - pp[:, None, None, :]               # (B,H,W,2)
+    z = pts_cam[..., 2:3]
+    ok = z[..., 0] > 1e-8
+    if weight is not None:
+        ok = ok & (weight > 0)
+    q = pts_cam[..., :2] / torch.where(z.abs() > 1e-8, z, torch.ones_like(z))
+    okf = ok.float()
+    f = (okf[..., None] * px * q).sum((1, 2, 3)) / (okf[..., None] * q * q).sum((1, 2, 3)).clamp_min(1e-12)
+    for _ in range(iters):
+        r = (px - f[:, None, None, None] * q).norm(dim=-1)
+        wt = okf / r.clamp_min(1e-6)
+        f = (wt[..., None] * px * q).sum((1, 2, 3)) / (wt[..., None] * q * q).sum((1, 2, 3)).clamp_min(1e-12)
+    if shapes is None:
+        base = torch.full((B,), default_focal(H, W), device=f.device, dtype=f.dtype)
+    else:
+        base = shapes.to(f.device, f.dtype).max(-1).values / (2 * math.tan(math.radians(30)))
+    return torch.minimum(torch.maximum(f, min_factor * base), max_factor * base)
+
+
+def skew(w: torch.Tensor) -> torch.Tensor:
+    z = torch.zeros_like(w[..., 0])
+    return torch.stack([z, -w[..., 2], w[..., 1], w[..., 2], z, -w[..., 0], -w[..., 1], w[..., 0], z], -1).reshape(
+        *w.shape[:-1], 3, 3)
+
+
+def so3_exp(w: torch.Tensor) -> torch.Tensor:
+    """Rodrigues: rotation matrices (...,3,3) from axis-angle (...,3)."""
+    th = w.norm(dim=-1, keepdim=True)[..., None]
+    K = skew(w)
+    small = th < 1e-8
+    ths = torch.where(small, torch.ones_like(th), th)
+    a = torch.where(small, 1 - th ** 2 / 6, torch.sin(ths) / ths)
+    b = torch.where(small, 0.5 - th ** 2 / 24, (1 - torch.cos(ths)) / ths ** 2)
+    eye = torch.eye(3, device=w.device, dtype=w.dtype).expand_as(K)
+    return eye + a * K + b * (K @ K)

@@ -1,0 +1,47 @@
+"""`dust3r-ns export` subcommand: a saved Reconstruction (.npz) -> COLMAP / PLY / transforms.json / GLB folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Tuple
+
+from .dataset import export_dataset
+
+Format = Literal["colmap", "ply", "nerfstudio", "glb"]
+
+
+@dataclass
+class ExportConfig:
+    """Export a reconstruction saved by `dust3r-ns reconstruct` (a .npz) as a dataset folder."""
+
+    recon: Path
+    """Reconstruction file (.npz)."""
+    out: Path
+    """Output folder (images/, sparse/0/, transforms.json, sparse_pc.ply, scene.glb)."""
+    formats: Tuple[Format, ...] = ("colmap", "ply", "nerfstudio", "glb")
+    """Which outputs to write."""
+    images: Optional[Path] = None
+    """Folder with the original images (copied upright into out/images); none copied when omitted."""
+    conf_thr: float = 3.0
+    """Keep points with confidence above this."""
+    max_points: int = 100_000
+    """Point cap (voxel down-sampling); 0 = no cap."""
+    text: bool = False
+    """Write the COLMAP model as text instead of binary."""
+    shared_camera: bool = False
+    """One COLMAP camera for all images (needs equal image sizes)."""
+
+
+def run(cfg: ExportConfig) -> dict[str, Path]:
+    """Load the reconstruction, export it, print what was written; returns {format: path}."""
+    from ..scene import Reconstruction
+
+    recon = Reconstruction.load(cfg.recon)
+    written = export_dataset(
+        recon, cfg.out, formats=cfg.formats, images=cfg.images, conf_thr=cfg.conf_thr,
+        max_points=cfg.max_points, text=cfg.text, shared_camera=cfg.shared_camera,
+    )
+    for fmt, path in written.items():
+        print(f"{fmt}: {path}")
+    return written

@@ -1,0 +1,163 @@
+"""COLMAP sparse-model export of a Reconstruction with pycolmap (4.x API).
+
+Output (binary by default, or text): cameras, images, points3D (+ rigs, frames written by pycolmap 4.x).
+- Cameras: PINHOLE, in ORIGINAL-image pixels and COLMAP's pixel convention (top-left pixel centre at
+  (0.5, 0.5), i.e. cx_colmap = cx_package + 0.5); one camera per image, or one shared camera.
+- Images: poses world-to-camera (cam_from_world), OpenCV axes (= COLMAP's), world frame unchanged.
+- Points3D: each point has a track with one element whose keypoint is the pixel the point came from, mapped to
+  original-image COLMAP coordinates, so it reprojects onto its keypoint (up to float32 rounding of xyz).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import conventions as cv
+from ._common import ExportError, atomic_dir, check_images, get_pointcloud, intrinsics_orig, validate_recon
+
+__all__ = ["write_colmap", "read_colmap", "COLMAP_FILES"]
+
+COLMAP_FILES = tuple(
+    f"{stem}.{ext}" for stem in ("cameras", "images", "points3D", "rigs", "frames") for ext in ("bin", "txt")
+)
+
+
+def _pycolmap():
+    try:
+        import pycolmap
+    except ImportError as e:  # pragma: no cover - pycolmap is a hard dependency
+        raise ExportError("COLMAP export needs pycolmap (pip install pycolmap)") from e
+    return pycolmap
+
+
+def colmap_keypoints(recon: Any, src: np.ndarray) -> np.ndarray:
+    """Network pixels (image, v, u) -> (M, 2) keypoints in original-image COLMAP pixel coordinates."""
+    transforms = np.asarray(recon.transforms, dtype=np.float64)
+    uv_net = np.stack([src[:, 2], src[:, 1]], axis=-1).astype(np.float64)
+    return cv.to_colmap_pixel(cv.pixel_net_to_orig(uv_net, transforms[src[:, 0]]))
+
+
+def write_colmap(
+    recon: Any,
+    out_dir: str | os.PathLike,
+    images_dir: str | os.PathLike | None = None,
+    text: bool = False,
+    shared_camera: bool = False,
+    conf_thr: float | None = None,
+    max_points: int | None = None,
+    points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> Path:
+    """Write `recon` as a COLMAP sparse model into `out_dir` (e.g. `<dataset>/sparse/0`); returns `out_dir`.
+
+    images_dir: optional folder with the original images; each `recon.names[i]` must be there with size
+      `recon.orig_sizes[i]` as stored (COLMAP ignores EXIF orientation), checked before writing.
+    text: write `.txt` files instead of `.bin`.
+    shared_camera: one camera for all images (intrinsics averaged; needs equal image sizes).
+    conf_thr, max_points: passed to `recon.pointcloud` when given (otherwise its defaults; max_points=0: no cap).
+    points: a precomputed `recon.pointcloud(...)` result (xyz, rgb, src) to use instead.
+    The write is atomic per file (a fresh `out_dir` appears in one step); stale COLMAP files are removed.
+    """
+    pycolmap = _pycolmap()
+    n = validate_recon(recon)
+    if text and any(" " in str(name) for name in recon.names):
+        raise ExportError("write_colmap: COLMAP's text format cannot hold image names with spaces; use text=False")
+    if images_dir is not None:
+        check_images(recon, images_dir)
+    sizes = np.asarray(recon.orig_sizes).astype(np.int64)
+    K = cv.K_to_colmap(intrinsics_orig(recon))
+    if np.any(np.abs(K[:, 0, 1]) > 1e-9 * np.abs(K[:, 0, 0])):
+        raise ExportError("write_colmap: intrinsics with skew cannot be written as a PINHOLE camera")
+    params = np.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], axis=-1)
+    if np.any(params[:, :2] <= 0):
+        raise ExportError("write_colmap: focal lengths must be positive")
+    w2c = cv.c2w_to_w2c(np.asarray(recon.c2w, dtype=np.float64))
+    xyz, rgb, src = get_pointcloud(recon, conf_thr, max_points, points)
+    src = src.astype(np.int64)
+    if src.size and (src[:, 0].min() < 0 or src[:, 0].max() >= n):
+        raise ExportError("write_colmap: pointcloud() returned image indices out of range")
+    kps = colmap_keypoints(recon, src)
+    rgb = np.asarray(rgb).astype(np.uint8)
+    xyz = np.asarray(xyz, dtype=np.float64)
+
+    rec = pycolmap.Reconstruction()
+    if shared_camera:
+        if np.any(sizes != sizes[0]):
+            raise ExportError("write_colmap: shared_camera=True needs all images to have the same original size")
+        cam = pycolmap.Camera(
+            model="PINHOLE", width=int(sizes[0, 0]), height=int(sizes[0, 1]),
+            params=params.mean(axis=0).tolist(), camera_id=1,
+        )
+        rec.add_camera_with_trivial_rig(cam)
+    # Per image: keypoints in point order; point index within the image = rank among its points.
+    order = np.argsort(src[:, 0], kind="stable")
+    counts = np.bincount(src[:, 0], minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    point2d_idx = np.empty(len(src), np.int64)
+    point2d_idx[order] = np.arange(len(src)) - np.repeat(starts, counts)
+    for i in range(n):
+        cam_id = 1 if shared_camera else i + 1
+        if not shared_camera:
+            cam = pycolmap.Camera(
+                model="PINHOLE", width=int(sizes[i, 0]), height=int(sizes[i, 1]),
+                params=params[i].tolist(), camera_id=cam_id,
+            )
+            rec.add_camera_with_trivial_rig(cam)
+        sel = order[starts[i]:starts[i] + counts[i]]
+        img = pycolmap.Image(
+            name=str(recon.names[i]), keypoints=np.ascontiguousarray(kps[sel]).reshape(-1, 2),
+            camera_id=cam_id, image_id=i + 1,
+        )
+        rec.add_image_with_trivial_frame(img, pycolmap.Rigid3d(np.ascontiguousarray(w2c[i, :3, :4])))
+    for k in range(len(xyz)):
+        track = pycolmap.Track([pycolmap.TrackElement(int(src[k, 0]) + 1, int(point2d_idx[k]))])
+        rec.add_point3D(xyz[k], track, rgb[k])
+
+    with atomic_dir(out_dir, COLMAP_FILES, "COLMAP model") as tmp:
+        if text:
+            rec.write_text(str(tmp))
+        else:
+            rec.write(str(tmp))
+    return Path(out_dir)
+
+
+def read_colmap(model_dir: str | os.PathLike, ignore_distortion: bool = False) -> dict[str, Any]:
+    """Read a COLMAP model (binary or text) into package conventions, images sorted by name.
+
+    Returns dict(names list[str], c2w (N,4,4) OpenCV camera-to-world, K_orig (N,3,3) in package pixels (top-left
+    pixel centre at 0,0), sizes (N,2) (W,H), model_names list[str]). Camera models with distortion raise unless
+    ignore_distortion=True (then only focal lengths and principal point are kept).
+    """
+    pycolmap = _pycolmap()
+    model_dir = Path(model_dir)
+    if not (model_dir / "cameras.bin").is_file() and not (model_dir / "cameras.txt").is_file():
+        raise ExportError(f"{model_dir} holds no COLMAP model (cameras.bin/.txt missing)")
+    try:
+        rec = pycolmap.Reconstruction(str(model_dir))
+    except Exception as e:  # pycolmap raises its own error types
+        raise ExportError(f"cannot read the COLMAP model in {model_dir}: {e}") from e
+    images = sorted((im for im in rec.images.values() if im.has_pose), key=lambda im: im.name)
+    if not images:
+        raise ExportError(f"the COLMAP model in {model_dir} has no registered images")
+    names, w2c, K, sizes, models = [], [], [], [], []
+    for im in images:
+        cam = rec.camera(im.camera_id)
+        model = cam.model.name
+        if model not in ("PINHOLE", "SIMPLE_PINHOLE") and not ignore_distortion:
+            raise ExportError(f"{model_dir}: camera {im.camera_id} is {model} (with distortion); undistort the "
+                              "images first or pass ignore_distortion=True")
+        names.append(im.name)
+        w2c.append(np.vstack([im.cam_from_world().matrix(), [0.0, 0.0, 0.0, 1.0]]))
+        K.append(cam.calibration_matrix())
+        sizes.append([cam.width, cam.height])
+        models.append(model)
+    return {
+        "names": names,
+        "c2w": cv.w2c_to_c2w(np.array(w2c)),
+        "K_orig": cv.K_from_colmap(np.array(K, dtype=np.float64)),
+        "sizes": np.array(sizes, dtype=np.int64),
+        "model_names": models,
+    }

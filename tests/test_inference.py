@@ -1,0 +1,74 @@
+"""The pair-inference engine equals a plain per-pair forward of the same model, and keeps the reference structure."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from dust3r_ns.inference import inference, inference_per_pair
+from dust3r_ns.model.network import AsymmetricCroCo3DStereo
+
+TINY = dict(enc_embed_dim=64, enc_depth=2, enc_num_heads=4, dec_embed_dim=48, dec_depth=2, dec_num_heads=4)
+
+
+def views(n, h=48, w=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [dict(img=torch.rand(1, 3, h, w, generator=g) * 2 - 1, true_shape=np.int32([[h, w]]), idx=i,
+                 instance=str(i)) for i in range(n)]
+
+
+def complete_pairs(vs):
+    pairs = [(vs[i], vs[j]) for i, j in itertools.combinations(range(len(vs)), 2)]
+    return pairs + [(b, a) for a, b in pairs]
+
+
+@pytest.mark.parametrize("head_type", ["linear", "dpt"])
+def test_engine_equals_per_pair(head_type):
+    torch.manual_seed(0)
+    cfg = dict(TINY, dec_depth=4) if head_type == "dpt" else TINY
+    model = AsymmetricCroCo3DStereo(head_type=head_type, landscape_only=False, **cfg)
+    pairs = complete_pairs(views(4))
+    ref = inference_per_pair(pairs, model)
+    out = inference(pairs, model, batch_size=5, verbose=False)
+    assert out["view1"]["idx"] == [a["idx"] for a, _ in pairs]
+    assert out["view2"]["instance"] == [b["instance"] for _, b in pairs]
+    assert out["view1"]["img"].shape == (12, 3, 48, 64)
+    assert out["view1"]["true_shape"].tolist() == [[48, 64]] * 12
+    for p in ("pred1", "pred2"):
+        for k, v in ref[p].items():
+            assert out[p][k].shape == v.shape
+            assert torch.allclose(out[p][k], v, rtol=1e-5, atol=1e-5), (p, k)
+    assert set(out["pred2"]) == {"pts3d_in_other_view", "conf"}
+
+
+def test_engine_mixed_shapes_returns_lists():
+    torch.manual_seed(0)
+    model = AsymmetricCroCo3DStereo(landscape_only=False, **TINY)
+    vs = views(2) + [dict(v, idx=v["idx"] + 2, instance=str(v["idx"] + 2)) for v in views(2, 64, 48, seed=1)]
+    pairs = complete_pairs(vs)
+    ref = inference_per_pair(pairs, model)
+    out = inference(pairs, model, batch_size=4, verbose=False)
+    assert isinstance(out["pred1"]["pts3d"], list) and len(out["pred1"]["pts3d"]) == len(pairs)
+    for a, b in zip(out["pred2"]["pts3d_in_other_view"], ref["pred2"]["pts3d_in_other_view"]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_engine_bf16_close_to_fp32():
+    torch.manual_seed(0)
+    model = AsymmetricCroCo3DStereo(landscape_only=False, **TINY)
+    pairs = complete_pairs(views(3))
+    ref = inference(pairs, model, verbose=False)
+    out = inference(pairs, model, amp="bf16", verbose=False)
+    for p, k in (("pred1", "pts3d"), ("pred2", "pts3d_in_other_view")):
+        err = (out[p][k] - ref[p][k]).abs().max() / ref[p][k].abs().max()
+        assert err < 0.05, err
+        assert out[p][k].dtype == torch.float32
+
+
+def test_engine_rejects_bad_arguments():
+    model = AsymmetricCroCo3DStereo(**TINY)
+    with pytest.raises(ValueError, match="no image pairs"):
+        inference([], model)
+    with pytest.raises(ValueError, match="amp"):
+        inference(complete_pairs(views(2)), model, amp="int8", verbose=False)
