@@ -190,6 +190,12 @@ def test_pth_round_trip_tiny_linear(tmp_path):
     assert rc.entries == {"epoch": 3, "best_so_far": 0.5} and rc.args.train_dataset == "synthetic"
 
 
+@pytest.fixture(scope="module")
+def dpt_model() -> torch.nn.Module:
+    """One tiny DPT model for the tests below (the DPT head has fixed 256-channel layers: ~37M parameters)."""
+    return tiny(TINY_DPT, landscape_only=False, patch_embed_cls="PatchEmbedDust3R")
+
+
 def test_inference_options_replace_manyar(tmp_path):
     model = tiny(TINY_DPT)
     assert model.config["patch_embed_cls"] == "ManyAR_PatchEmbed" and model.config["landscape_only"]
@@ -202,10 +208,10 @@ def test_inference_options_replace_manyar(tmp_path):
     assert_same_outputs(model, train_model)
 
 
-def test_hf_round_trip_tiny_dpt_aliases(tmp_path):
+def test_hf_round_trip_tiny_dpt_aliases(tmp_path, dpt_model):
     from safetensors import safe_open
 
-    model = tiny(TINY_DPT, landscape_only=False, patch_embed_cls="PatchEmbedDust3R")
+    model = dpt_model
     folder = C.save_hf(model, tmp_path / "hf")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((folder / "config.json").read_text())
@@ -225,11 +231,11 @@ def test_hf_round_trip_tiny_dpt_aliases(tmp_path):
         assert_same_outputs(model, loaded, h=64, w=48)  # portrait
 
 
-def test_hf_official_layout_without_metadata(tmp_path):
+def test_hf_official_layout_without_metadata(tmp_path, dpt_model):
     """As the published files: the duplicates absent, no metadata, JSON lists and Infinity in config.json."""
     from safetensors.torch import save_file
 
-    model = tiny(TINY_DPT, landscape_only=False)
+    model = dpt_model
     sd = {k: v.clone() for k, v in model.state_dict().items() if ".scratch.layer_rn." not in k}
     save_file(sd, str(tmp_path / "model.safetensors"))
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()
@@ -289,6 +295,9 @@ def test_croco_init(tmp_path):
     assert C.load_croco_init(again, tmp_path / "croco2.pth")["loaded"] == report["loaded"]
     with pytest.raises(CheckpointError, match="not a literal"):
         C.load_model(tmp_path / "croco2.pth")
+    # an explicit spec replaces the file's (here: the CroCo weights without heads are then incomplete)
+    with pytest.raises(CheckpointError, match="missing"):
+        C.load_model(tmp_path / "croco2.pth", spec=TINY_LINEAR)
     wrong = tiny(TINY_LINEAR.replace("enc_embed_dim=64", "enc_embed_dim=32"))
     with pytest.raises(CheckpointError) as exc:
         C.load_croco_init(wrong, tmp_path / "croco.pth")
@@ -507,8 +516,8 @@ def test_hub_download_path(tmp_path, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_load_to_cuda_matches_cpu(tmp_path):
-    model = tiny(TINY_DPT)
+def test_load_to_cuda_matches_cpu(tmp_path, dpt_model):
+    model = dpt_model
     path = C.save_pth(model, tmp_path / "dpt.pth")
     cpu = C.load_model(path)
     gpu = C.load_model(path, device="cuda")

@@ -121,8 +121,8 @@ def test_official_names_and_shapes(official_dir, name):
     keys = json.loads((official_dir / f"DUSt3R_ViTLarge_BaseDecoder_{name}.keys.json").read_text())
     with torch.device("meta"):
         model = AsymmetricCroCo3DStereo(**CONFIGS[name])
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    assert ours == {n: list(s) for n, s, _ in keys}
+    ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    assert ours == [(n, list(s)) for n, s, _ in keys]  # names, shapes and order
 
 
 def test_official_224_forward_runs():

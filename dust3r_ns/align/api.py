@@ -13,9 +13,9 @@ import torch
 from dust3r_ns.scene import Reconstruction
 
 from .baseline import solve_baseline
-from .core import Constraints, State, apply_known_poses, fit_edges, mst_init, objective
+from .core import Constraints, State, apply_known_poses, fit_edges, mst_init, objective, sub_depth
 from .data import AlignError, PairData, parse_output
-from .fast import solve_fast
+from .fast import auto_stride, solve_fast
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -145,23 +145,23 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
     data = parse_output(output, dev, dtype)
     N = data.n_images
     cons = _constraints(data, shared_focal, known_K, K_space, known_c2w, optimize_pp, dev)
-    st = mst_init(data, cons, verbose)
+    H, W = data.HW
+    coarse = data.coarse(auto_stride(H, W) if stride is None else max(1, int(stride)))
+    # fast mode with known poses: pose-free solve first (the scale gauge is well conditioned there), then snap to
+    # the known poses; with >= 2 known poses a short metric phase follows (the metric objective drifts towards
+    # shrinking the scene, so it is capped by `metric_iter`)
+    free = dataclasses.replace(cons, pose_mask=None, known_c2w=None)
+    st = mst_init(data, free if (mode == "fast" and N > 2) else cons, verbose, coarse=coarse)
     stats: dict[str, Any] = dict(iterations=0)
     if N > 2:
         if mode == "fast":
-            # pose-free solve first (the scale gauge is well conditioned there), then snap to the known poses;
-            # with >= 2 known poses a short metric phase follows (the metric objective drifts towards shrinking,
-            # so it is capped: see README of the align package / report)
-            free = dataclasses.replace(cons, pose_mask=None, known_c2w=None)
-            if cons.pose_mask is not None:
-                st = mst_init(data, free, verbose)
-            stats = solve_fast(data, st, free, max_iter=60 if niter is None else niter, tol=tol, stride=stride,
+            stats = solve_fast(data, st, free, max_iter=60 if niter is None else niter, tol=tol, coarse=coarse,
                                verbose=verbose)
             if cons.pose_mask is not None:
                 apply_known_poses(st, cons)
-                fit_edges(data, st, irls_eps=None)
+                fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride))
                 if not cons.normalize_scale:
-                    s2 = solve_fast(data, st, cons, max_iter=metric_iter, tol=1e-3, stride=stride, verbose=verbose)
+                    s2 = solve_fast(data, st, cons, max_iter=metric_iter, tol=1e-3, coarse=coarse, verbose=verbose)
                     stats["iterations"] += s2["iterations"]
         else:
             stats = solve_baseline(data, st, cons, niter=300 if niter is None else niter, lr=lr, verbose=verbose)
@@ -228,8 +228,8 @@ def _to_reconstruction(data: PairData, st: State, cons: Constraints) -> Reconstr
     conf = torch.ones(N, H, W, device=st.depth.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*index_reduce.*")
-        conf.index_reduce_(0, data.edges[:, 0], data.conf1.float(), "amax")
-        conf.index_reduce_(0, data.edges[:, 1], data.conf2.float(), "amax")
+        conf.index_reduce_(0, data.edges[:, 0], data.conf(1), "amax")
+        conf.index_reduce_(0, data.edges[:, 1], data.conf(2), "amax")
     K = np.zeros((N, 3, 3))
     f = st.focal.double().cpu().numpy()
     pp = st.pp.double().cpu().numpy()

@@ -58,14 +58,14 @@ class State:
         return State(*(x.clone() for x in (self.c2w, self.focal, self.pp, self.depth, self.s, self.R, self.t)))
 
 
-def edge_chunk(data: PairData, max_elems: int = 1 << 22) -> int:
+def edge_chunk(data: PairData, max_elems: int = 1 << 21) -> int:
     H, W = data.HW
     return max(1, min(data.n_edges, max_elems // max(H * W, 1)))
 
 
 def world_points(c2w: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor, depth: torch.Tensor,
                  stride: int = 1) -> torch.Tensor:
-    """(N,h,w,3) world points from depth maps (already sub-sampled by `stride` when stride > 1)."""
+    """(N,h,w,3) world points from depth maps on a grid sub-sampled by `stride` (pixel (r,c) -> (stride*c, stride*r))."""
     N, h, w = depth.shape
     u, v = pixel_grid(h * stride, w * stride, depth.device, depth.dtype, stride)
     u, v = u[:h, :w], v[:h, :w]
@@ -76,35 +76,41 @@ def world_points(c2w: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor, depth
 
 
 def apply_sim(s: torch.Tensor, R: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """P(p) = s R p + t for p (b,h,w,3), s (b,), R (b,3,3), t (b,3)."""
-    return s[:, None, None, None] * torch.einsum("bij,bhwj->bhwi", R, p.float()) + t[:, None, None, :]
+    """P(p) = s R p + t for p (b,h,w,3), s (b,), R (b,3,3), t (b,3) (one batched GEMM)."""
+    b, h, w, _ = p.shape
+    A = (s[:, None, None] * R).transpose(1, 2)
+    return torch.baddbmm(t[:, None, :], p.reshape(b, h * w, 3).float(), A).reshape(b, h, w, 3)
 
 
 def areas(data: PairData) -> tuple[float, float]:
-    a = torch.as_tensor(data.shapes.prod(-1), dtype=torch.float64)
+    """Normalisers of the two loss terms: summed pixel counts (on the data's grid) of first / second images."""
+    a = data.valid().flatten(1).sum(1).double().cpu()
     e = data.edges.cpu()
     return float(a[e[:, 0]].sum()), float(a[e[:, 1]].sum())
 
 
-@torch.no_grad()
-def objective(data: PairData, st: State, stride: int = 1) -> float:
-    """The reference loss (log-conf weighted L2 distances, normalised by areas), evaluated chunk by chunk."""
-    X = world_points(st.c2w, st.focal, st.pp, st.depth[:, ::stride, ::stride], stride)
-    area_i, area_j = areas(data)
-    area_i, area_j = area_i / stride ** 2, area_j / stride ** 2
-    li = lj = 0.0
-    ch = edge_chunk(data, (1 << 22) * stride ** 2)
+def _chunks(data: PairData, max_elems: int = 1 << 22):
+    ch = edge_chunk(data, max_elems)
     for a in range(0, data.n_edges, ch):
-        sl = slice(a, a + ch)
+        yield slice(a, min(a + ch, data.n_edges))
+
+
+@torch.no_grad()
+def objective(data: PairData, st: State, depth: torch.Tensor | None = None) -> float:
+    """The reference loss (log-conf weighted L2 distances, normalised by areas), evaluated chunk by chunk.
+
+    depth: depth maps on the data's grid (default: st.depth, which must then match the data's grid).
+    """
+    depth = st.depth if depth is None else depth
+    X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)
+    area_i, area_j = areas(data)
+    li = lj = 0.0
+    for sl in _chunks(data):
         e = data.edges[sl]
-        p1 = data.pts1[sl, ::stride, ::stride]
-        p2 = data.pts2[sl, ::stride, ::stride]
-        w1 = data.weights(1, sl)[:, ::stride, ::stride]
-        w2 = data.weights(2, sl)[:, ::stride, ::stride]
-        d1 = (X[e[:, 0]] - apply_sim(st.s[sl], st.R[sl], st.t[sl], p1)).norm(dim=-1)
-        d2 = (X[e[:, 1]] - apply_sim(st.s[sl], st.R[sl], st.t[sl], p2)).norm(dim=-1)
-        li += float((w1 * d1).sum())
-        lj += float((w2 * d2).sum())
+        d1 = (X[e[:, 0]] - apply_sim(st.s[sl], st.R[sl], st.t[sl], data.pts1[sl])).norm(dim=-1)
+        d2 = (X[e[:, 1]] - apply_sim(st.s[sl], st.R[sl], st.t[sl], data.pts2[sl])).norm(dim=-1)
+        li += float((data.weights(1, sl) * d1).sum())
+        lj += float((data.weights(2, sl) * d2).sum())
     return li / area_i + lj / area_j
 
 
@@ -256,24 +262,26 @@ def edge_scores(data: PairData) -> torch.Tensor:
     """Per ordered edge: mean(conf1) * mean(conf2) over valid pixels (reference pair score)."""
     valid = data.valid().float()
     e = data.edges
-    ch = edge_chunk(data)
     out = []
-    for a in range(0, data.n_edges, ch):
-        sl = slice(a, a + ch)
+    for sl in _chunks(data):
         v1, v2 = valid[e[sl, 0]], valid[e[sl, 1]]
-        m1 = (data.conf1[sl].float() * v1).sum((1, 2)) / v1.sum((1, 2))
-        m2 = (data.conf2[sl].float() * v2).sum((1, 2)) / v2.sum((1, 2))
+        m1 = (data.conf(1, sl) * v1).sum((1, 2)) / v1.sum((1, 2))
+        m2 = (data.conf(2, sl) * v2).sum((1, 2)) / v2.sum((1, 2))
         out.append(m1 * m2)
     return torch.cat(out)
 
 
-def mst_init(data: PairData, cons: Constraints, verbose: bool = False) -> State:
-    """Maximum-spanning-tree chaining of pairwise point maps + per-image Procrustes pose, Weiszfeld focal, depth."""
+def mst_init(data: PairData, cons: Constraints, verbose: bool = False, coarse: PairData | None = None) -> State:
+    """Maximum-spanning-tree chaining of pairwise point maps + per-image Procrustes pose, Weiszfeld focal, depth.
+
+    coarse: optional sub-sampled copy of `data` used for the pass over all edges (scores, initial similarities).
+    """
+    coarse = data if coarse is None else coarse
     N, E = data.n_images, data.n_edges
     H, W = data.HW
     dev = data.pts1.device
     edges = data.edges.cpu().numpy()
-    score = edge_scores(data).cpu().numpy()
+    score = edge_scores(coarse).cpu().numpy()
     # best direction per unordered pair
     best: dict[tuple[int, int], int] = {}
     for k, (i, j) in enumerate(edges):
@@ -283,7 +291,7 @@ def mst_init(data: PairData, cons: Constraints, verbose: bool = False) -> State:
         if key not in best or score[k] > score[best[key]]:
             best[key] = k
     pts_world: list[torch.Tensor | None] = [None] * N
-    conf = lambda k, side: (data.conf1 if side == 1 else data.conf2)[k].float()  # noqa: E731
+    conf = lambda k, side: data.conf(side, k)  # noqa: E731
     P = lambda k, side: (data.pts1 if side == 1 else data.pts2)[k].float()       # noqa: E731
     done = np.zeros(N, bool)
     if N == 1 or not best:
@@ -333,7 +341,7 @@ def mst_init(data: PairData, cons: Constraints, verbose: bool = False) -> State:
     wc = data.weights(1)[idx_first] if N > 0 else None
     valid = data.valid()
     f_est = estimate_focal(pc, pp, (wc + 1e-6) * valid, shapes=shapes_t)
-    s, R, t = umeyama(pc.reshape(N, -1, 3), Xw.reshape(N, -1, 3), (data.conf1[idx_first].float() * valid).reshape(N, -1))
+    s, R, t = umeyama(pc.reshape(N, -1, 3), Xw.reshape(N, -1, 3), (data.conf(1, idx_first) * valid).reshape(N, -1))
     c2w[:, :3, :3], c2w[:, :3, 3] = R, t
     depth = torch.where(valid, s[:, None, None] * pc[..., 2], torch.ones_like(pc[..., 2]))
     focal = f_est
@@ -358,9 +366,13 @@ def mst_init(data: PairData, cons: Constraints, verbose: bool = False) -> State:
     st = State(c2w=c2w, focal=focal, pp=pp, depth=depth, s=torch.ones(E, device=dev),
                R=torch.eye(3, device=dev).repeat(E, 1, 1), t=torch.zeros(E, 3, device=dev))
     apply_known_poses(st, cons)
-    fit_edges(data, st, irls_eps=None)
+    fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride // data.stride))
     normalize_edge_scales(st, cons)
     return st
+
+
+def sub_depth(depth: torch.Tensor, stride: int) -> torch.Tensor:
+    return depth if stride == 1 else depth[:, ::stride, ::stride].contiguous()
 
 
 def apply_known_poses(st: State, cons: Constraints) -> None:
@@ -393,31 +405,29 @@ def apply_known_poses(st: State, cons: Constraints) -> None:
     st.c2w[m] = K[m]
 
 
-def fit_edges(data: PairData, st: State, irls_eps: float | None, stride: int = 1,
-              X: torch.Tensor | None = None) -> float:
+def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Tensor | None = None) -> float:
     """Closed-form per-edge similarity (weighted Umeyama) to the current world points. Returns the loss before it.
 
     irls_eps None: weights = log-conf; else IRLS weights log-conf / max(dist, eps) (majorises the L2-norm loss).
+    depth: depth maps on the data's grid (default st.depth).
     """
-    if X is None:
-        X = world_points(st.c2w, st.focal, st.pp, st.depth[:, ::stride, ::stride], stride)
+    depth = st.depth if depth is None else depth
+    X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)
     mom = Moments(data.n_edges, X.device)
-    ch = edge_chunk(data, (1 << 22) * stride ** 2)
     area_i, area_j = areas(data)
     loss = 0.0
-    for a in range(0, data.n_edges, ch):
-        sl = slice(a, a + ch)
+    for sl in _chunks(data):
         e = data.edges[sl]
         for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
-            p = pts[sl, ::stride, ::stride].float()
-            w = data.weights(side, sl)[:, ::stride, ::stride]
+            p = pts[sl]
+            w = data.weights(side, sl)
             Xt = X[e[:, col]]
             if irls_eps is not None:
                 dist = (Xt - apply_sim(st.s[sl], st.R[sl], st.t[sl], p)).norm(dim=-1)
-                loss += float((w * dist).sum()) * stride ** 2 / (area_i if side == 1 else area_j)
+                loss += float((w * dist).sum()) / (area_i if side == 1 else area_j)
                 w = w / dist.clamp_min(irls_eps)
-            mom.add(p.reshape(p.shape[0], -1, 3), Xt.reshape(p.shape[0], -1, 3), w.reshape(p.shape[0], -1),
-                    idx=sl)
+            b = p.shape[0]
+            mom.add(p.reshape(b, -1, 3), Xt.reshape(b, -1, 3), w.reshape(b, -1), idx=sl)
     s, R, t = mom.solve(True)
     ok = torch.isfinite(s) & (s > 0)
     st.s = torch.where(ok, s.float(), st.s)

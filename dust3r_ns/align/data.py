@@ -23,13 +23,14 @@ class PairData:
     edges: torch.Tensor          # (E,2) int64 (i, j)
     pts1: torch.Tensor           # (E,H,W,3) storage dtype
     pts2: torch.Tensor           # (E,H,W,3)
-    conf1: torch.Tensor          # (E,H,W) raw confidence (>= 1)
-    conf2: torch.Tensor          # (E,H,W)
+    w1: torch.Tensor             # (E,H,W) log-confidence weights (0 on padding)
+    w2: torch.Tensor             # (E,H,W)
     shapes: np.ndarray           # (N,2) (H,W) true network shape per image
     names: list[str]
     orig_sizes: np.ndarray       # (N,2) (W,H)
     transforms: np.ndarray       # (N,4)
     rgbs: list[np.ndarray]       # (H_i,W_i,3) uint8
+    stride: int = 1              # pixel (r, c) of the stacks is pixel (stride*r, stride*c) of the images
 
     @property
     def n_images(self) -> int:
@@ -44,19 +45,31 @@ class PairData:
         return int(self.pts1.shape[1]), int(self.pts1.shape[2])
 
     def valid(self) -> torch.Tensor:
-        """(N,H,W) bool mask of real (non-padded) pixels per image."""
+        """(N,H,W) bool mask of real (non-padded) pixels per image (on this data's pixel grid)."""
         H, W = self.HW
         dev = self.pts1.device
-        vv = torch.arange(H, device=dev)[None, :, None] < torch.as_tensor(self.shapes[:, 0], device=dev)[:, None, None]
-        uu = torch.arange(W, device=dev)[None, None, :] < torch.as_tensor(self.shapes[:, 1], device=dev)[:, None, None]
-        return vv & uu
+        s = self.stride
+        hh = torch.as_tensor(self.shapes[:, 0], device=dev)[:, None, None]
+        ww = torch.as_tensor(self.shapes[:, 1], device=dev)[:, None, None]
+        return (s * torch.arange(H, device=dev)[None, :, None] < hh) & (s * torch.arange(W, device=dev)[None, None, :] < ww)
 
-    def weights(self, which: int, sl: slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """log-confidence weights of side 1 or 2 (zero on padding, where conf = 0)."""
-        c = self.conf1 if which == 1 else self.conf2
-        if sl is not None:
-            c = c[sl]
-        return c.to(dtype).clamp_min(1.0).log()
+    def weights(self, which: int, sl: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """float32 log-confidence weights of side 1 or 2 (zero on padding)."""
+        w = self.w1 if which == 1 else self.w2
+        return (w if sl is None else w[sl]).float()
+
+    def conf(self, which: int, sl: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """float32 confidences (exp of the stored log-confidence; 1 on padding)."""
+        return self.weights(which, sl).exp()
+
+    def coarse(self, stride: int) -> "PairData":
+        """Contiguous copy of the stacks sub-sampled by `stride` (pixel coordinates stay exact)."""
+        if stride == 1:
+            return self
+        sub = lambda t: t[:, ::stride, ::stride].contiguous()  # noqa: E731
+        return PairData(edges=self.edges, pts1=sub(self.pts1), pts2=sub(self.pts2), w1=sub(self.w1), w2=sub(self.w2),
+                        shapes=self.shapes, names=self.names, orig_sizes=self.orig_sizes, transforms=self.transforms,
+                        rgbs=self.rgbs, stride=self.stride * stride)
 
 
 def _idx_list(x: Any, what: str) -> list[int]:
@@ -96,6 +109,17 @@ def _meta(view: dict, key: str, p: int) -> Any:
         return v[p]
     except (IndexError, TypeError, KeyError):
         return None
+
+
+def _log_weights(confs: list[torch.Tensor], P: int, H: int, W: int, dev: torch.device, dtype: torch.dtype,
+                 what: str) -> torch.Tensor:
+    out = torch.zeros(P, H, W, dtype=dtype, device=dev)
+    for p, c in enumerate(confs):
+        c = c.detach().to(dev, torch.float32)
+        if not torch.isfinite(c).all() or bool((c <= 0).any()):
+            raise AlignError(f"{what} of pair {p} has non-finite or non-positive values; confidences are 1 + exp(x)")
+        out[p, : c.shape[0], : c.shape[1]] = c.clamp_min(1.0).log()
+    return out
 
 
 def parse_output(output: dict, device: str | torch.device = "cpu", store_dtype: torch.dtype = torch.float32,
@@ -148,12 +172,13 @@ def parse_output(output: dict, device: str | torch.device = "cpu", store_dtype: 
     # stack once, straight into the storage dtype/device (no float32 duplicate when storing float16)
     pts1 = stack(a1, 0.0, p1["pts3d"])
     pts2 = stack(a2, 0.0, p2["pts3d_in_other_view"])
-    conf1 = stack(c1, 0.0, p1["conf"])
-    conf2 = stack(c2, 0.0, p2["conf"])
-    del a1, a2, c1, c2
-    for name, t in (("pred1 pts3d", pts1), ("pred2 pts3d_in_other_view", pts2), ("pred1 conf", conf1), ("pred2 conf", conf2)):
+    for name, t in (("pred1 pts3d", pts1), ("pred2 pts3d_in_other_view", pts2)):
         if not torch.isfinite(t).all():
             raise AlignError(f"{name} contains NaN/inf values; check the network output (fp16 overflow?)")
+    # log-confidence weights, stored instead of the confidences (the reference's 'log' confidence transform)
+    w1 = _log_weights(c1, P, H, W, dev, store_dtype, "pred1 conf")
+    w2 = _log_weights(c2, P, H, W, dev, store_dtype, "pred2 conf")
+    del a1, a2, c1, c2
 
     names = [f"image_{k:04d}" for k in range(N)]
     orig_sizes = np.stack([shapes[:, 1], shapes[:, 0]], -1).astype(np.int64)
@@ -182,5 +207,5 @@ def parse_output(output: dict, device: str | torch.device = "cpu", store_dtype: 
                         rgbs[img] = ((im.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
     rgbs_out = [r if r is not None else np.full((*shapes[k], 3), 128, np.uint8) for k, r in enumerate(rgbs)]
     edges = torch.tensor(list(zip(ii, jj)), dtype=torch.int64, device=dev)
-    return PairData(edges=edges, pts1=pts1, pts2=pts2, conf1=conf1, conf2=conf2, shapes=shapes, names=names,
+    return PairData(edges=edges, pts1=pts1, pts2=pts2, w1=w1, w2=w2, shapes=shapes, names=names,
                     orig_sizes=orig_sizes, transforms=transforms, rgbs=rgbs_out)

@@ -6,7 +6,7 @@ Each outer iteration (all closed-form or tiny dense solves, vectorised over edge
   3. per-image target = IRLS-weighted mean of the transformed pair point maps,
   4. per-image camera (rotation, centre, log-focal[, pp]) by Levenberg-Marquardt on point-to-ray distances with the
      depth eliminated, then 5. closed-form depth (closest point on each pixel ray).
-The iterations run on point maps sub-sampled by `stride`; then a few full-resolution (edges, depth) iterations.
+The iterations run on point maps sub-sampled by `stride`; then one full-resolution pass gives every pixel's depth.
 Stops early when the relative loss change falls below `tol`.
 """
 
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from .core import (Constraints, State, areas, depth_from_targets, edge_chunk, fit_cameras, fit_edges,
-                   normalize_edge_scales, objective, world_points, apply_sim)
+from .core import (BASE_SCALE, Constraints, State, _chunks, apply_sim, areas, depth_from_targets, fit_cameras,
+                   fit_edges, sub_depth, world_points)
 from .data import PairData
 
 
@@ -30,73 +30,78 @@ def auto_stride(H: int, W: int, target: int = 3072) -> int:
     return s
 
 
-def _irls_eps(st: State) -> float:
-    pos = st.depth[st.depth > 0]
+def _irls_eps(depth: torch.Tensor) -> float:
+    pos = depth[depth > 0]
     return 1e-3 * float(pos.median()) if pos.numel() else 1e-3
 
 
 @torch.no_grad()
-def accumulate_targets(data: PairData, st: State, X: torch.Tensor, eps: float, stride: int
+def accumulate_targets(data: PairData, st: State, X: torch.Tensor, eps: float, loss_out: list | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """IRLS-weighted mean of the edges' transformed point maps per image: Y (N,h,w,3), A (N,h,w) total weight."""
+    """IRLS-weighted mean of the edges' transformed point maps per image: Y (N,h,w,3), A (N,h,w) total weight.
+
+    X: current world points on the data's grid (for the IRLS weights). loss_out: if given, the objective at X is
+    appended (computed in the same pass).
+    """
     N, h, w, _ = X.shape
-    Ysum = torch.zeros_like(X)
-    A = torch.zeros(N, h, w, device=X.device, dtype=X.dtype)
-    ch = edge_chunk(data, (1 << 22) * stride ** 2)
-    for a in range(0, data.n_edges, ch):
-        sl = slice(a, a + ch)
+    Ysum = torch.zeros(N, h * w * 3, device=X.device, dtype=X.dtype)
+    A = torch.zeros(N, h * w, device=X.device, dtype=X.dtype)
+    area = areas(data) if loss_out is not None else (1.0, 1.0)
+    loss = 0.0
+    for sl in _chunks(data):
         e = data.edges[sl]
         for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
-            p = pts[sl, ::stride, ::stride]
-            Yp = apply_sim(st.s[sl], st.R[sl], st.t[sl], p)
-            wt = data.weights(side, sl)[:, ::stride, ::stride]
-            wt = wt / (X[e[:, col]] - Yp).norm(dim=-1).clamp_min(eps)
-            Ysum.index_add_(0, e[:, col], Yp * wt[..., None])
-            A.index_add_(0, e[:, col], wt)
-    Y = Ysum / A.clamp_min(1e-30)[..., None]
-    return Y, A
+            Yp = apply_sim(st.s[sl], st.R[sl], st.t[sl], pts[sl])
+            wt = data.weights(side, sl)
+            dist = (X[e[:, col]] - Yp).norm(dim=-1)
+            if loss_out is not None:
+                loss += float((wt * dist).sum()) / area[side - 1]
+            wt = wt / dist.clamp_min_(eps)
+            b = wt.shape[0]
+            Ysum.index_add_(0, e[:, col], (Yp * wt[..., None]).reshape(b, -1))
+            A.index_add_(0, e[:, col], wt.reshape(b, -1))
+    if loss_out is not None:
+        loss_out.append(loss)
+    Y = Ysum.reshape(N, h, w, 3) / A.clamp_min(1e-30).reshape(N, h, w, 1)
+    return Y, A.reshape(N, h, w)
 
 
 @torch.no_grad()
 def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 60, tol: float = 1e-4,
-               stride: int | None = None, fine_iter: int = 3, cam_iters: int = 2, verbose: bool = False) -> dict:
-    """Run the fast solver in place on `st`. Returns stats (iterations, losses, times)."""
+               stride: int | None = None, coarse: PairData | None = None, cam_iters: int = 2, fine_iter: int = 3,
+               verbose: bool = False) -> dict:
+    """Run the fast solver in place on `st` (full-resolution state). Returns stats (iterations, losses, times).
+
+    coarse: the sub-sampled data (built from `stride` when not given; stride None = auto).
+    """
     H, W = data.HW
-    stride = auto_stride(H, W) if stride is None else max(1, int(stride))
+    if coarse is None:
+        stride = auto_stride(H, W) if stride is None else max(1, int(stride))
+        coarse = data.coarse(stride)
+    s = coarse.stride // data.stride
     t0 = time.perf_counter()
-    pose_free = None
     prev = math.inf
     n_it = 0
     bar = None
     if verbose:
         from tqdm import tqdm
 
-        bar = tqdm(total=max_iter, desc=f"align fast (stride {stride})", leave=False)
-    losses = []
+        bar = tqdm(total=max_iter, desc=f"align fast (1/{s} res)", leave=False)
+    losses: list[float] = []
+    dc = sub_depth(st.depth, s)
+    d_start = dc.clone()
     for it in range(max_iter):
         n_it = it + 1
-        eps = _irls_eps(st)
-        dc = st.depth[:, ::stride, ::stride]
-        X = world_points(st.c2w, st.focal, st.pp, dc, stride)
-        loss = fit_edges(data, st, irls_eps=eps, stride=stride, X=X)
+        eps = _irls_eps(dc)
+        loss = fit_edges(coarse, st, irls_eps=eps, depth=dc)
         losses.append(loss)
-        normalize_edge_scales(st, cons)
-        X = world_points(st.c2w, st.focal, st.pp, st.depth[:, ::stride, ::stride], stride)
-        Y, A = accumulate_targets(data, st, X, eps, stride)
-        c2w, f, pp = fit_cameras(Y, A, st.c2w, st.focal, st.pp, cons, stride=stride, iters=cam_iters,
-                                 pose_free=pose_free)
-        st.c2w, st.focal, st.pp = c2w, f, pp
-        dnew = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, st.depth[:, ::stride, ::stride], stride)
-        if stride == 1:
-            st.depth = dnew
-        else:
-            # keep full-res depth in step with the coarse solution: per-image scale of the coarse change
-            ratio = (dnew / st.depth[:, ::stride, ::stride].clamp_min(1e-30))
-            st.depth[:, ::stride, ::stride] = dnew
-            med = ratio.flatten(1).median(dim=1).values
-            mask = torch.ones_like(st.depth, dtype=torch.bool)
-            mask[:, ::stride, ::stride] = False
-            st.depth = torch.where(mask, st.depth * med[:, None, None], st.depth)
+        c = _normalize(st, cons)
+        dc = dc * c
+        X = world_points(st.c2w, st.focal, st.pp, dc, coarse.stride)
+        Y, A = accumulate_targets(coarse, st, X, eps)
+        st.c2w, st.focal, st.pp = fit_cameras(Y, A, st.c2w, st.focal, st.pp, cons, stride=coarse.stride,
+                                              iters=cam_iters)
+        dc = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, dc, coarse.stride)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.5g}")
@@ -104,22 +109,39 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 60,
             break
         prev = loss
     t_coarse = time.perf_counter() - t0
-    # full resolution: cameras fixed, alternate edges and depth
-    n_fine = 0
-    if stride > 1 or fine_iter > 0:
+    final: list[float] = []
+    if s > 1:
+        # full resolution: IRLS weights from the old full-res depth rescaled like its coarse samples, then the
+        # closed-form depth of every pixel for the final cameras and edges (one pass), then the loss (one pass)
+        ratio = (dc / d_start.clamp_min(1e-30)).flatten(1).median(dim=1).values
+        depth = st.depth * ratio[:, None, None]
+        eps = _irls_eps(dc)
         prevf = math.inf
-        for it in range(max(fine_iter, 1) if stride > 1 else fine_iter):
-            n_fine += 1
-            eps = _irls_eps(st)
-            X = world_points(st.c2w, st.focal, st.pp, st.depth)
-            Y, A = accumulate_targets(data, st, X, eps, 1)
-            st.depth = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, st.depth)
-            loss = fit_edges(data, st, irls_eps=eps, stride=1)
-            normalize_edge_scales(st, cons)
-            if (math.isfinite(prevf) and abs(prevf - loss) <= tol * abs(prevf)) or loss <= 1e-3 * eps:
+        for _ in range(fine_iter):   # IRLS on the per-pixel depths (cameras and edges fixed)
+            fl: list[float] = []
+            X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)
+            Y, A = accumulate_targets(data, st, X, eps, loss_out=fl)
+            del X
+            depth = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, depth, data.stride)
+            del Y, A
+            final.append(fl[0])
+            if abs(prevf - fl[0]) <= 10 * tol * abs(prevf):
                 break
-            prevf = loss
+            prevf = fl[0]
+        st.depth = depth
+    else:
+        st.depth = dc
     if bar is not None:
         bar.close()
-    return dict(iterations=n_it, fine_iterations=n_fine, stride=stride, coarse_losses=losses,
-                t_coarse=t_coarse, t_total=time.perf_counter() - t0)
+    return dict(iterations=n_it, stride=s, coarse_losses=losses, fine_losses=final, t_coarse=t_coarse, t_total=time.perf_counter() - t0)
+
+
+def _normalize(st: State, cons: Constraints) -> float:
+    """Edge-scale normalisation on the cameras/edges; returns the factor for depth maps held outside `st`."""
+    if not cons.normalize_scale:
+        return 1.0
+    c = BASE_SCALE / float(torch.exp(torch.log(st.s.clamp_min(1e-30)).mean()))
+    st.s *= c
+    st.t *= c
+    st.c2w[:, :3, 3] *= c
+    return c

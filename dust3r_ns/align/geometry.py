@@ -23,16 +23,19 @@ class Moments:
         self.w, self.sx, self.sy, self.sxx, self.syx = z(), z(3), z(3), z(), z(3, 3)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, idx: slice | torch.Tensor | None = None) -> None:
-        """x, y (b,M,3), w (b,M); rows go to batch entries `idx` (default all)."""
+        """x, y (b,M,3), w (b,M); rows go to batch entries `idx` (default all). One batched GEMM per call."""
         x, y, w = x.float(), y.float(), w.float()
-        wx = x * w[..., None]
-        vals = (w.sum(-1), wx.sum(-2), (y * w[..., None]).sum(-2), (wx * x).sum((-1, -2)), y.transpose(-1, -2) @ wx)
-        for name, val in zip(("w", "sx", "sy", "sxx", "syx"), vals):
+        one = torch.ones_like(w)[..., None]
+        xa = torch.cat([x, one], -1) * w[..., None]               # (b,M,4) weighted [x, 1]
+        ya = torch.cat([y, (x * x).sum(-1, keepdim=True), one], -1)  # (b,M,5) [y, |x|^2, 1]
+        G = (ya.transpose(1, 2) @ xa).to(self.w.dtype)             # (b,5,4)
+        vals = dict(w=G[:, 4, 3], sx=G[:, 4, :3], sy=G[:, :3, 3], sxx=G[:, 3, 3], syx=G[:, :3, :3])
+        for name, val in vals.items():
             buf = getattr(self, name)
             if idx is None:
-                buf += val.to(buf.dtype)
+                buf += val
             else:
-                buf[idx] += val.to(buf.dtype)
+                buf[idx] += val
 
     def solve(self, with_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weighted Umeyama: (s, R, t) minimising sum w ||y - (s R x + t)||^2. s = 1 when with_scale is False."""

@@ -33,6 +33,9 @@ __all__ = [
     "parse_model_spec",
     "format_model_spec",
     "model_spec",
+    "inference_options",
+    "compare_state_dict",
+    "HUB_REPOS",
     "read_checkpoint",
     "build_model",
     "load_model",
@@ -662,7 +665,7 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", *,
     `spec` (constructor string) or `config` (dict) supply or override the model options, e.g. for a bare state
     dict. The model is returned in eval mode on `device`.
     """
-    raw = read_checkpoint(source)
+    raw = read_checkpoint(source, strict_spec=spec is None and config is None)
     if spec is not None:
         raw.class_name, raw.options = parse_model_spec(spec, "spec=")
     elif config is not None:

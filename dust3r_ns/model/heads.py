@@ -81,9 +81,9 @@ class FusionBlock(nn.Module):
 
     def __init__(self, features: int):
         super().__init__()
+        self.out_conv = nn.Conv2d(features, features, 1, bias=True)  # registered first, as in the checkpoints
         self.resConfUnit1 = ResidualConvUnit(features)
         self.resConfUnit2 = ResidualConvUnit(features)
-        self.out_conv = nn.Conv2d(features, features, 1, bias=True)
 
     def forward(self, x, skip=None):
         if skip is not None:
