@@ -21,10 +21,11 @@ def median_time(fn, repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32, device="cpu") -> float:
     """Measured dense matmul rate (GFLOP/s) of this machine with the current torch thread count."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    t, _ = median_time(lambda: a @ b, repeats, warmup=1)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    t, _ = median_time(lambda: (a @ b, sync()), repeats, warmup=1)
     return 2 * n**3 / t / 1e9
 
 

@@ -19,8 +19,12 @@ import torch
 class InferenceBenchConfig:
     n_images: list[int] = field(default_factory=lambda: [4, 8])
     """Numbers of images (complete symmetric graph: N(N-1) ordered pairs)."""
-    size: int = 224
-    """Square image size; the model is the official 224 linear configuration with random weights."""
+    size: str = "224x224"
+    """Image size HxW (multiples of 16)."""
+    model: str = "224_linear"
+    """Official configuration with random weights: 224_linear, 512_linear or 512_dpt."""
+    device: str = "cpu"
+    """Torch device ('cuda' on a GPU machine)."""
     repeats: int = 3
     """Timed runs per mode (the median is reported)."""
     batch_size: int = 8
@@ -35,19 +39,26 @@ class InferenceBenchConfig:
     """Optional path for the results as JSON."""
 
 
-def _model(tiny: bool, size: int):
+def _hw(size: str) -> tuple[int, int]:
+    h, w = (int(v) for v in size.lower().split("x"))
+    return h, w
+
+
+def _model(tiny: bool, name: str):
     from dust3r_ns.model.network import AsymmetricCroCo3DStereo
 
     torch.manual_seed(0)
-    kw = dict(img_size=(size, size), head_type="linear")
+    res, head = name.split("_")
+    kw = dict(img_size=(int(res), int(res)), head_type=head, landscape_only=False)
     if tiny:
         kw.update(enc_embed_dim=64, enc_depth=2, enc_num_heads=4, dec_embed_dim=48, dec_depth=2, dec_num_heads=4)
     return AsymmetricCroCo3DStereo(**kw).eval()
 
 
-def _pairs(n: int, size: int):
+def _pairs(n: int, size: str):
+    h, w = _hw(size)
     g = torch.Generator().manual_seed(1)
-    views = [dict(img=torch.rand(1, 3, size, size, generator=g) * 2 - 1, true_shape=torch.tensor([[size, size]]),
+    views = [dict(img=torch.rand(1, 3, h, w, generator=g) * 2 - 1, true_shape=torch.tensor([[h, w]]),
                   idx=i, instance=str(i)) for i in range(n)]
     pairs = [(views[i], views[j]) for i, j in itertools.combinations(range(n), 2)]
     return pairs + [(b, a) for a, b in pairs]
@@ -68,23 +79,31 @@ def _measure(mode: str, n: int, cfg: InferenceBenchConfig) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = _model(cfg.tiny, cfg.size)
+    dev = torch.device(cfg.device)
+    model = _model(cfg.tiny, cfg.model).to(dev)
     pairs = _pairs(n, cfg.size)
     res = {"mode": mode, "n": n, "pairs": len(pairs)}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if mode == "per_pair":
         model.set_attention_impl("math")
-        fn = lambda: inference_per_pair(pairs, model)  # noqa: E731
+        fn = lambda: (inference_per_pair(pairs, model, device=dev), sync())[0]  # noqa: E731
     else:
         amp = "bf16" if mode == "engine_bf16" else None
-        fn = lambda: inference(pairs, model, batch_size=cfg.batch_size, amp=amp, verbose=False)  # noqa: E731
+        fn = lambda: (inference(pairs, model, device=dev, batch_size=cfg.batch_size, amp=amp,  # noqa: E731
+                                verbose=False), sync())[0]
         views = [p[0] for p in pairs[: n - 1]] + [pairs[0][1]]
-        t_enc, _ = median_time(lambda: encode_images(model, views, "cpu", batch_size=cfg.batch_size, amp=amp),
-                               cfg.repeats, warmup=1)
-        tokens = (cfg.size // 16) ** 2
+        t_enc, _ = median_time(lambda: (encode_images(model, views, dev, batch_size=cfg.batch_size, amp=amp),
+                                        sync()), cfg.repeats, warmup=1)
+        h, w = _hw(cfg.size)
+        tokens = (h // 16) * (w // 16)
         res["encoder_s"] = t_enc
         res["encoder_gflops"] = encoder_flops(model, tokens) * n / t_enc / 1e9
-    t, times = median_time(fn, cfg.repeats, warmup=0 if mode == "per_pair" else 1)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t, times = median_time(fn, cfg.repeats, warmup=0 if mode == "per_pair" and dev.type == "cpu" else 1)
     res.update(median_s=t, times=times)
+    if dev.type == "cuda":
+        res["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if mode != "per_pair":
         out = fn()
         res["pts3d_sample"] = out["pred2"]["pts3d_in_other_view"][:2].tolist()
@@ -96,8 +115,8 @@ def run(cfg: InferenceBenchConfig) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rate = matmul_gflops()
-    print(f"float32 matmul rate (2048^3, {torch.get_num_threads()} threads): {rate:.0f} GFLOP/s")
+    rate = matmul_gflops(device=cfg.device)
+    print(f"float32 matmul rate (2048^3, {cfg.device}, {torch.get_num_threads()} threads): {rate:.0f} GFLOP/s")
     modes = ["per_pair", "engine"] + (["engine_bf16"] if cfg.bf16 else [])
     results = {"matmul_gflops": rate, "runs": []}
     header = f"{'N':>3} {'pairs':>5} {'mode':>12} {'median s':>9} {'speed-up':>8} {'peak RSS MB':>11} {'enc GFLOP/s':>11} {'% matmul':>8}"
@@ -118,7 +137,8 @@ def run(cfg: InferenceBenchConfig) -> dict:
             print(f"{n:>3} {r['pairs']:>5} {mode:>12} {r['median_s']:>9.2f} {r['speedup']:>7.2f}x "
                   f"{r['peak_rss_mb']:>11.0f} {'' if enc is None else f'{enc:.0f}':>11} "
                   f"{'' if enc is None else f'{100 * enc / rate:.0f}%':>8}"
-                  + (f"  rel.err vs fp32 {r['rel_err_vs_fp32']:.1e}" if "rel_err_vs_fp32" in r else ""))
+                  + (f"  rel.err vs fp32 {r['rel_err_vs_fp32']:.1e}" if "rel_err_vs_fp32" in r else "")
+                  + (f"  GPU peak {r['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in r else ""))
             results["runs"].append(r)
     if cfg.json_out:
         from pathlib import Path

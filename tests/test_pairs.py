@@ -1,0 +1,57 @@
+"""Scene graphs on small N."""
+
+import pytest
+
+from dust3r_ns.pairs import default_scene_graph, graph_edges, make_pairs
+
+
+def unordered(edges):
+    return {tuple(sorted(e)) for e in edges}
+
+
+def test_complete():
+    e = graph_edges(4, "complete", symmetrize=False)
+    assert e == [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
+    s = graph_edges(4, "complete")
+    assert len(s) == 12 and s[6:] == [(j, i) for i, j in e]
+
+
+def test_swin_cyclic_and_noncyclic():
+    assert unordered(graph_edges(6, "swin-1", False)) == {(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (0, 5)}
+    assert unordered(graph_edges(6, "swin-1-noncyclic", False)) == {(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)}
+    assert len(graph_edges(6, "swin-2", False)) == 12
+    assert len(graph_edges(6, "swin-2-noncyclic", False)) == 9
+
+
+def test_logwin():
+    assert unordered(graph_edges(8, "logwin-3-noncyclic", False)) == {
+        (i, i + d) for i in range(8) for d in (1, 2, 4) if i + d < 8}
+    cyc = unordered(graph_edges(8, "logwin-3", False))
+    assert (0, 7) in cyc and (4, 0) not in cyc and (0, 4) in cyc
+
+
+def test_oneref():
+    assert graph_edges(4, "oneref-2", False) == [(2, 0), (2, 1), (2, 3)]
+    assert graph_edges(3, "oneref", False) == [(0, 1), (0, 2)]
+    with pytest.raises(ValueError, match="reference image 5"):
+        graph_edges(3, "oneref-5")
+
+
+def test_single_image_is_monocular():
+    assert graph_edges(1, "complete") == [(0, 0), (0, 0)]
+    v = [{"idx": 0}]
+    assert make_pairs(v, "swin-3") == [(v[0], v[0]), (v[0], v[0])]
+
+
+@pytest.mark.parametrize("bad", ["full", "swin-0", "complete-noncyclic", "swin-x", ""])
+def test_bad_graph_names(bad):
+    with pytest.raises(ValueError, match="scene graph"):
+        graph_edges(5, bad)
+
+
+def test_no_images_and_default():
+    with pytest.raises(ValueError, match="no images"):
+        graph_edges(0)
+    assert default_scene_graph(5) == "complete"
+    g = default_scene_graph(64)
+    assert len(graph_edges(64, g)) < len(graph_edges(64, "complete")) / 4
