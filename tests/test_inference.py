@@ -72,3 +72,17 @@ def test_engine_rejects_bad_arguments():
         inference([], model)
     with pytest.raises(ValueError, match="amp"):
         inference(complete_pairs(views(2)), model, amp="int8", verbose=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp,tol", [(None, 1e-3), ("bf16", 5e-2), ("fp16", 1e-2)])
+def test_engine_on_cuda_matches_cpu(amp, tol):
+    torch.manual_seed(0)
+    model = AsymmetricCroCo3DStereo(head_type="dpt", landscape_only=False, **dict(TINY, dec_depth=4))
+    pairs = complete_pairs(views(3))
+    ref = inference(pairs, model, device="cpu", verbose=False)
+    out = inference(pairs, model, device="cuda", amp=amp, verbose=False)
+    for p, k in (("pred1", "pts3d"), ("pred2", "pts3d_in_other_view"), ("pred2", "conf")):
+        assert out[p][k].device.type == "cpu" and out[p][k].dtype == torch.float32
+        err = (out[p][k] - ref[p][k]).abs().max() / ref[p][k].abs().max()
+        assert err < tol, (p, k, float(err))
