@@ -107,7 +107,7 @@ class AsymmetricCroCo3DStereo(nn.Module):
         self.dec_blocks = nn.ModuleList(
             [DecoderBlock(dec_embed_dim, dec_num_heads, mlp_ratio, rope, norm_im2_in_dec) for _ in range(dec_depth)])
         self.dec_norm = LayerNorm(dec_embed_dim)
-        self.dec_blocks2 = copy.deepcopy(self.dec_blocks)
+        self.dec_blocks2 = copy.deepcopy(self.dec_blocks, memo={id(rope): rope})  # RoPE (no weights) stays shared
         if head_type == "linear":
             make = lambda: LinearHead(dec_embed_dim, patch_size, depth_mode, conf_mode)  # noqa: E731
         else:
