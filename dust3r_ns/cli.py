@@ -46,7 +46,7 @@ def image_size_of(net) -> int:
 class InferConfig:
     """Run DUSt3R on every pair of a scene graph and save the pairwise point maps (no alignment)."""
 
-    images: list[Path]
+    images: tyro.conf.Positional[list[Path]]
     """Image files or one folder of images."""
     out: Path = Path("pairs.npz")
     """Output file with the pairwise predictions (reference structure, numpy arrays)."""

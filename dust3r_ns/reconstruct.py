@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+import tyro
 
 
 @dataclass
 class ReconstructConfig:
     """Reconstruct cameras, intrinsics and a coloured point cloud from unposed photos."""
 
-    images: list[Path]
+    images: tyro.conf.Positional[list[Path]]
     """Image files or one folder of images."""
     out: Path = Path("dust3r_out")
     """Output folder."""

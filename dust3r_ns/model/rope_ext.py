@@ -63,6 +63,10 @@ NVCC_FLAGS = ["-O3", "-DWITH_CUDA", "--expt-relaxed-constexpr"]
 
 def build(with_cuda: bool | None = None, verbose: bool = False):
     """Compile (or load the cached build of) the extension; returns the module. Raises on failure."""
+    import logging
+
+    # importing the tooling logs a warning about CUDA_HOME on machines without a GPU; it is expected here
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
     if with_cuda is None:
