@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"dust3r-ns: unknown command {name!r}; {usage}", file=sys.stderr)
             return 2
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except (ValueError, OSError) as e:
         print(f"dust3r-ns {name}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -63,7 +63,10 @@ def _check_out(cfg: ReconstructConfig) -> None:
     if out.exists() and not cfg.overwrite:
         raise ValueError(f"{out}: output folder exists; pass --overwrite to replace it or choose another --out")
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{out}: cannot create the output folder ({e.strerror}); choose another --out") from None
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"{parent}: output location is not writable; choose another --out")
 
