@@ -101,8 +101,14 @@ class Reconstruction:
 
         return np.asarray(K_net_to_orig(self.K, self.transforms), dtype=np.float64)
 
-    def masks(self, conf_thr: float = 3.0) -> list[np.ndarray]:
+    @property
+    def default_conf_thr(self) -> float:
+        """The threshold chosen at alignment time (meta 'conf_thr'), else the reference's 3.0."""
+        return float(self.meta.get("conf_thr", 3.0))
+
+    def masks(self, conf_thr: float | None = None) -> list[np.ndarray]:
         """Per-image boolean masks of pixels with confidence > conf_thr and a positive finite depth."""
+        conf_thr = self.default_conf_thr if conf_thr is None else conf_thr
         return [(c > conf_thr) & np.isfinite(d) & (d > 0) for c, d in zip(self.confs, self.depths)]
 
     def points_cam(self, k: int) -> np.ndarray:
@@ -121,12 +127,12 @@ class Reconstruction:
         return p @ self.c2w[k, :3, :3].T + self.c2w[k, :3, 3]
 
     # ------------------------------------------------------------------ point cloud
-    def pointcloud(self, conf_thr: float = 3.0, max_points: int | None = 100_000, voxel: float | None = None,
+    def pointcloud(self, conf_thr: float | None = None, max_points: int | None = 100_000, voxel: float | None = None,
                    far_clip: float | None = None, sky_masks: Sequence[np.ndarray] | None = None,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Coloured world point cloud for splat seeding.
 
-        conf_thr: keep pixels with confidence > conf_thr. far_clip: drop pixels deeper than far_clip x the image's
+        conf_thr: keep pixels with confidence > conf_thr (None: `default_conf_thr`). far_clip: drop pixels deeper than far_clip x the image's
         median kept depth (crude background/sky removal). sky_masks: optional per-image boolean (H,W) masks, True =
         sky/background to drop. voxel: voxel size (world units) for down-sampling, keeping the most confident point
         per voxel; None with max_points: the voxel size is searched so that at most max_points remain.

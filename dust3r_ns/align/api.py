@@ -240,6 +240,8 @@ def _to_reconstruction(data: PairData, st: State, cons: Constraints) -> Reconstr
         K[m] = kn[m]
     c2w = st.c2w.double().cpu().numpy()
     c2w[:, 3] = [0, 0, 0, 1]
+    U, _, Vt = np.linalg.svd(c2w[:, :3, :3])       # re-orthonormalise in float64 (the solver runs in float32)
+    c2w[:, :3, :3] = U @ Vt
     kp = getattr(cons, "known_c2w_np", None)
     if kp is not None:
         m = np.isfinite(kp).all((1, 2))

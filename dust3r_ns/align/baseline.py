@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 import time
 
-import roma
 import torch
 
 from .core import BASE_SCALE, Constraints, State, areas
 from .data import PairData
-from .geometry import pixel_grid
+from .geometry import pixel_grid, quat_to_rotmat, rotmat_to_quat
 
 FOCAL_BREAK = 20.0
 PP_BREAK = 10.0
@@ -30,7 +29,7 @@ def _signed_expm1(x: torch.Tensor) -> torch.Tensor:
 
 
 def _poses(q: torch.Tensor, tr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    R = roma.unitquat_to_rotmat(q / q.norm(dim=-1, keepdim=True))
+    R = quat_to_rotmat(q)
     return R, _signed_expm1(tr)
 
 
@@ -41,7 +40,7 @@ def solve_baseline(data: PairData, st: State, cons: Constraints, niter: int = 30
     N, H, W = st.depth.shape
     E = data.n_edges
     log_depth = torch.nn.Parameter(st.depth.clamp_min(1e-8).log())
-    q_im = torch.nn.Parameter(roma.rotmat_to_unitquat(st.c2w[:, :3, :3]))
+    q_im = torch.nn.Parameter(rotmat_to_quat(st.c2w[:, :3, :3]))
     t_im = torch.nn.Parameter(_signed_log1p(st.c2w[:, :3, 3]))
     f0 = st.focal[:1] if cons.shared_focal else st.focal
     lf = torch.nn.Parameter(FOCAL_BREAK * f0.log())
@@ -49,7 +48,7 @@ def solve_baseline(data: PairData, st: State, cons: Constraints, niter: int = 30
     ppo = torch.nn.Parameter(torch.zeros(N, 2, device=dev))
     # edges: P(x) = s (R x + T)
     logs = st.s.log()
-    q_e = torch.nn.Parameter(roma.rotmat_to_unitquat(st.R))
+    q_e = torch.nn.Parameter(rotmat_to_quat(st.R))
     t_e = torch.nn.Parameter(_signed_log1p(st.t / st.s[:, None]))
     ls_e = torch.nn.Parameter(logs.clone())
     params = [log_depth, q_im, t_im, lf, q_e, t_e, ls_e]
@@ -61,7 +60,10 @@ def solve_baseline(data: PairData, st: State, cons: Constraints, niter: int = 30
     fmask = cons.focal_mask
     fknown = cons.known_focal.float().mean(-1).to(dev) if cons.known_focal is not None else None
     area_i, area_j = areas(data)
-    w1, w2 = data.weights(1), data.weights(2)
+    # tensors made under torch.inference_mode (the pair inference) cannot enter autograd: copy those once
+    plain = lambda t: t.clone() if t.is_inference() else t  # noqa: E731
+    w1, w2 = plain(data.weights(1)), plain(data.weights(2))
+    pts1, pts2 = plain(data.pts1.float()), plain(data.pts2.float())
     ei, ej = data.edges[:, 0], data.edges[:, 1]
     u, v = pixel_grid(H, W, dev)
 
@@ -86,8 +88,8 @@ def solve_baseline(data: PairData, st: State, cons: Constraints, niter: int = 30
         s = ls_e.exp()
         if cons.normalize_scale:
             s = s * math.exp(math.log(BASE_SCALE)) / ls_e.mean().exp()
-        a1 = s[:, None, None, None] * (torch.einsum("eij,ehwj->ehwi", Re, data.pts1.float()) + Te[:, None, None, :])
-        a2 = s[:, None, None, None] * (torch.einsum("eij,ehwj->ehwi", Re, data.pts2.float()) + Te[:, None, None, :])
+        a1 = s[:, None, None, None] * (torch.einsum("eij,ehwj->ehwi", Re, pts1) + Te[:, None, None, :])
+        a2 = s[:, None, None, None] * (torch.einsum("eij,ehwj->ehwi", Re, pts2) + Te[:, None, None, :])
         li = ((X[ei] - a1).norm(dim=-1) * w1).sum() / area_i
         lj = ((X[ej] - a2).norm(dim=-1) * w2).sum() / area_j
         return li + lj

@@ -44,6 +44,8 @@ class AlignBenchConfig:
     source: str = "synth"
     """'synth' (dust3r_ns.synth ray-cast scenes) or 'toy' (no rendering)."""
     seed: int = 0
+    warmup: bool = True
+    """Run a tiny alignment first in each child (library/CUDA initialisation outside the timing)."""
     isolate: bool = True
     """Run each mode in a spawned process (peak RSS per mode); False runs inline (no RSS)."""
     json_out: str = ""
@@ -76,36 +78,25 @@ def graph_edges(n: int, graph: str) -> list[tuple[int, int]]:
 
 
 def make_case(source: str, n: int, H: int, W: int, graph: str, noise: float, seed: int):
-    """-> (pair output dict, gt dict with c2w (N,4,4), K (N,3,3))."""
+    """-> (pair output dict, gt dict with c2w (N,4,4), K (N,3,3), depth list of (H,W), valid list of (H,W))."""
     edges = graph_edges(n, graph)
     if source == "toy":
         from .toy import make_pairs_output
 
         out, gt = make_pairs_output(n=n, shapes=[(H, W)] * n, noise=noise, seed=seed, edges=edges)
-        return out, dict(c2w=gt["c2w"], K=gt["K"])
+        return out, dict(c2w=gt["c2w"], K=gt["K"], depth=gt["depth"], valid=[np.ones((H, W), bool)] * n)
     if source != "synth":
         raise ValueError(f"source must be 'synth' or 'toy', got {source!r}")
-    from dust3r_ns import synth
-
+    try:
+        from dust3r_ns import synth
+    except ImportError as e:
+        raise ValueError(f"dust3r_ns.synth is not available ({e}); use source='toy'") from e
     scene = synth.make_scene(seed)
-    c2w, K = synth.camera_path(scene, n, baseline="moderate", seed=seed, **_hw_kwargs(synth.camera_path, H, W))
-    views = synth.render_views(scene, c2w, K, H, W) if hasattr(synth, "render_views") else \
-        [dict(synth.render(scene, c2w[k], K[k], H, W), c2w=c2w[k], K=K[k], idx=k) for k in range(n)]
-    noise_cfg = synth.NoiseConfig().scaled(noise / 0.01) if hasattr(synth.NoiseConfig, "scaled") else synth.NoiseConfig()
-    out = synth.oracle_pairs(views, edges, noise=noise_cfg, seed=seed)
-    return out, dict(c2w=np.asarray(c2w, np.float64), K=np.asarray(K, np.float64))
-
-
-def _hw_kwargs(fn, H: int, W: int) -> dict:
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    out = {}
-    if "H" in params:
-        out["H"] = H
-    if "W" in params:
-        out["W"] = W
-    return out
+    c2w, K = synth.camera_path(scene, n, baseline="moderate", seed=seed, H=H, W=W)
+    views = synth.render_views(scene, c2w, K, H, W)
+    out = synth.oracle_pairs(views, edges, noise=synth.NoiseConfig().scaled(noise / 0.01), seed=seed)
+    return out, dict(c2w=np.asarray(c2w, np.float64), K=np.asarray(K, np.float64),
+                     depth=[v["depth"] for v in views], valid=[v["valid"] for v in views])
 
 
 def pose_metrics(c2w_est: np.ndarray, c2w_gt: np.ndarray) -> dict:
@@ -132,13 +123,34 @@ def pose_metrics(c2w_est: np.ndarray, c2w_gt: np.ndarray) -> dict:
     return dict(ate_pct=ate, rra_mean_deg=float(np.mean(errs)), rra_max_deg=float(np.max(errs)))
 
 
-def _run_mode(source: str, n: int, H: int, W: int, graph: str, noise: float, seed: int, mode: str, niter: int | None,
-              repeats: int, device: str, threads: int) -> dict:
+def save_case(path: str, out: dict, gt: dict) -> None:
+    """Store a case (pair output + ground truth) for the mode children: tensors and lists only."""
+    g = dict(c2w=torch.as_tensor(gt["c2w"]), K=torch.as_tensor(gt["K"]),
+             depth=[torch.as_tensor(np.asarray(d, np.float32)) for d in gt["depth"]],
+             valid=[torch.as_tensor(np.asarray(v, bool)) for v in gt["valid"]])
+    torch.save(dict(out=out, gt=g), path)
+
+
+def load_case(path: str) -> tuple[dict, dict]:
+    d = torch.load(path, weights_only=True)
+    g = d["gt"]
+    gt = dict(c2w=g["c2w"].numpy(), K=g["K"].numpy(), depth=[x.numpy() for x in g["depth"]],
+              valid=[x.numpy() for x in g["valid"]])
+    return d["out"], gt
+
+
+def _run_mode(case_path: str, n: int, H: int, W: int, graph: str, mode: str, niter: int | None,
+              repeats: int, device: str, threads: int, warmup: bool = True) -> dict:
     if threads > 0:
         torch.set_num_threads(threads)
     from . import global_align
 
-    out, gt = make_case(source, n, H, W, graph, noise, seed)
+    if warmup:   # initialise the libraries (CUDA context, cuBLAS/cuSOLVER, thread pools) outside the timing
+        from .toy import make_pairs_output
+
+        global_align(make_pairs_output(n=3, shapes=[(24, 32)] * 3, seed=1)[0], mode=mode, device=device, niter=niter and 5,
+                     verbose=False)
+    out, gt = load_case(case_path)
     if device != "cpu":   # predictions live on the device as after GPU inference
         out = {k: ({kk: (vv.to(device) if isinstance(vv, torch.Tensor) and kk != "true_shape" else vv)
                     for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in out.items()}
@@ -157,11 +169,18 @@ def _run_mode(source: str, n: int, H: int, W: int, graph: str, noise: float, see
     assert rec is not None
     align_mb = (_proc_status("VmHWM") - rss0) / 1024 if hwm_reset and rss0 >= 0 else float("nan")
     pm = pose_metrics(rec.c2w, gt["c2w"])
+    try:
+        from dust3r_ns.metrics import depth_abs_rel
+
+        dabs = float(depth_abs_rel(rec.depths, list(gt["depth"]), list(gt["valid"]))) * 100
+    except ImportError:
+        dabs = float("nan")
     ferr = float(np.abs(rec.focals / gt["K"][:, 0, 0] - 1).mean() * 100)
     res = dict(mode=mode, n=n, size=f"{H}x{W}", graph=graph, edges=len(graph_edges(n, graph)),
                seconds=float(np.median(times)), iterations=int(rec.meta["iterations"]), loss=float(rec.meta["loss"]),
                ate_pct=float(pm["ate_pct"]), rra_mean_deg=float(pm["rra_mean_deg"]),
-               rra_max_deg=float(pm.get("rra_max_deg", float("nan"))), focal_err_pct=ferr, align_rss_mb=align_mb)
+               rra_max_deg=float(pm.get("rra_max_deg", float("nan"))), focal_err_pct=ferr, align_rss_mb=align_mb,
+               depth_absrel_pct=dabs)
     if device.startswith("cuda"):
         res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return res
@@ -200,12 +219,19 @@ def cases(cfg: AlignBenchConfig) -> list[tuple[int, int, int, str]]:
 
 def run(cfg: AlignBenchConfig) -> list[dict]:
     """Run every case in both modes; print a table and the baseline/fast ratios; return the rows."""
+    import tempfile
+
     rows = []
+    tmpdir = tempfile.TemporaryDirectory(prefix="bench_align_")
     for n, H, W, graph in cases(cfg):
         by_mode = {}
+        t0 = time.perf_counter()
+        case_path = f"{tmpdir.name}/case.pt"
+        save_case(case_path, *make_case(cfg.source, n, H, W, graph, cfg.noise, cfg.seed))
+        print(f"case N={n} {H}x{W} {graph}: generated in {time.perf_counter() - t0:.1f}s ({cfg.source})", flush=True)
         for mode in cfg.modes:
-            args = (cfg.source, n, H, W, graph, cfg.noise, cfg.seed, mode,
-                    cfg.baseline_niter if mode == "baseline" else None, cfg.repeats, cfg.device, cfg.threads)
+            args = (case_path, n, H, W, graph, mode, cfg.baseline_niter if mode == "baseline" else None,
+                    cfg.repeats, cfg.device, cfg.threads, cfg.warmup)
             if cfg.isolate:
                 from dust3r_ns.bench.common import run_isolated
 
@@ -222,6 +248,7 @@ def run(cfg: AlignBenchConfig) -> list[dict]:
                   f"peak RSS ratio fast/baseline {f['peak_rss_mb'] / b['peak_rss_mb']:.2f} "
                   f"(alignment's own: {f['align_rss_mb'] / b['align_rss_mb']:.2f}), "
                   f"loss ratio fast/baseline {f['loss'] / b['loss']:.3f}", flush=True)
+    tmpdir.cleanup()
     if cfg.json_out:
         with open(cfg.json_out, "w") as fh:
             json.dump(dict(config=cfg.__dict__, rows=rows), fh, indent=1)
@@ -233,7 +260,7 @@ def _fmt(r: dict) -> str:
             f"{r['seconds']:8.2f}s it={r['iterations']:4d} loss={r['loss']:.5g} RSS={r['peak_rss_mb']:.0f}MB "
             f"(align {r['align_rss_mb']:.0f}MB) "
             f"ATE={r['ate_pct']:.3f}% RRA={r['rra_mean_deg']:.3f}/{r['rra_max_deg']:.3f}deg "
-            f"focal={r['focal_err_pct']:.3f}%" + (f" cuda={r['cuda_peak_mb']:.0f}MB" if "cuda_peak_mb" in r else ""))
+            f"focal={r['focal_err_pct']:.3f}% depth={r.get('depth_absrel_pct', float('nan')):.3f}%" + (f" cuda={r['cuda_peak_mb']:.0f}MB" if "cuda_peak_mb" in r else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,14 +104,15 @@ def objective(data: PairData, st: State, depth: torch.Tensor | None = None) -> f
     depth = st.depth if depth is None else depth
     X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)
     area_i, area_j = areas(data)
-    li = lj = 0.0
+    li = torch.zeros((), device=X.device, dtype=torch.float64)
+    lj = torch.zeros_like(li)
     for sl in _chunks(data):
         e = data.edges[sl]
         d1 = (X[e[:, 0]] - apply_sim(st.s[sl], st.R[sl], st.t[sl], data.pts1[sl])).norm(dim=-1)
         d2 = (X[e[:, 1]] - apply_sim(st.s[sl], st.R[sl], st.t[sl], data.pts2[sl])).norm(dim=-1)
-        li += float((data.weights(1, sl) * d1).sum())
-        lj += float((data.weights(2, sl) * d2).sum())
-    return li / area_i + lj / area_j
+        li += (data.weights(1, sl) * d1).sum().double()
+        lj += (data.weights(2, sl) * d2).sum().double()
+    return float(li / area_i + lj / area_j)
 
 
 def normalize_edge_scales(st: State, cons: Constraints) -> None:
@@ -196,29 +197,31 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
         idx[:, 6] = idx[0, 6]
     R, C = c2w[:, :3, :3], c2w[:, :3, 3]
     f, p = focal.clone(), pp.clone()
+    idxc, freec = idx.cpu(), free.cpu()
 
     cur = cost(R, C, f, p)
     for _ in range(iters):
         e, J = jacobian(R, C, f, p)                          # (N,M,3), (N,M,3,9)
         JA = J * Af[..., None, None]
-        Hl = torch.einsum("nmik,nmil->nkl", JA, J).double()   # (N,9,9)
-        gl = torch.einsum("nmik,nmi->nk", JA, e).double()
-        Hl = Hl * (free[:, :, None] & free[:, None, :])
-        gl = gl * free
+        # normal equations assembled and solved on the CPU in float64 (at most 9N unknowns)
+        Hl = torch.einsum("nmik,nmil->nkl", JA, J).to("cpu", torch.float64)   # (N,9,9)
+        gl = torch.einsum("nmik,nmi->nk", JA, e).to("cpu", torch.float64)
+        Hl = Hl * (freec[:, :, None] & freec[:, None, :])
+        gl = gl * freec
         G = N * 9
-        Hg = torch.zeros(G, G, dtype=torch.float64, device=dev)
-        gg = torch.zeros(G, dtype=torch.float64, device=dev)
-        ii = idx[:, :, None].expand(N, 9, 9).reshape(-1)
-        jj = idx[:, None, :].expand(N, 9, 9).reshape(-1)
+        Hg = torch.zeros(G, G, dtype=torch.float64)
+        gg = torch.zeros(G, dtype=torch.float64)
+        ii = idxc[:, :, None].expand(N, 9, 9).reshape(-1)
+        jj = idxc[:, None, :].expand(N, 9, 9).reshape(-1)
         Hg.index_put_((ii, jj), Hl.reshape(-1), accumulate=True)
-        gg.index_add_(0, idx.reshape(-1), gl.reshape(-1))
+        gg.index_add_(0, idxc.reshape(-1), gl.reshape(-1))
         diag = Hg.diagonal()
         unused = diag <= 0
         accepted = False
         for _t in range(6):
             Hd = Hg + torch.diag(lam * diag + unused.double() + 1e-12)
             step = -torch.linalg.solve(Hd, gg)
-            d = step[idx].to(dt) * free                      # (N,9)
+            d = (step[idxc] * freec).to(dev, dt)             # (N,9)
             Rn = so3_exp(d[:, :3]) @ R
             Cn, fn, pn = C + d[:, 3:6], f * torch.exp(d[:, 6]), p + d[:, 7:9]
             new = cost(Rn, Cn, fn, pn)
@@ -243,8 +246,12 @@ def _skew_b(w: torch.Tensor) -> torch.Tensor:
 
 
 def depth_from_targets(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor,
-                       prev: torch.Tensor, stride: int = 1) -> torch.Tensor:
-    """Closed-form depth per pixel: the point on the pixel's ray closest to the target Y (keeps prev where A = 0)."""
+                       prev: torch.Tensor, stride: int = 1, floor: float | None = None) -> torch.Tensor:
+    """Closed-form depth per pixel: the point on the pixel's ray closest to the target Y (keeps prev where A = 0).
+
+    Depths are clamped to `floor` (default 1e-4 x the median previous depth) as the reference's log-depth keeps
+    them positive.
+    """
     N, h, w, _ = Y.shape
     u, v = pixel_grid(h * stride, w * stride, Y.device, Y.dtype, stride)
     u, v = u[:h, :w], v[:h, :w]
@@ -252,8 +259,9 @@ def depth_from_targets(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, foca
     rx = (u[None] - pp[:, 0, None, None]) / focal[:, None, None]
     ry = (v[None] - pp[:, 1, None, None]) / focal[:, None, None]
     d = (rx * Z[..., 0] + ry * Z[..., 1] + Z[..., 2]) / (rx * rx + ry * ry + 1)
-    pos = prev[prev > 0]
-    floor = 1e-4 * (pos.median() if pos.numel() else torch.ones((), device=Y.device))
+    if floor is None:
+        pos = prev[prev > 0]
+        floor = 1e-4 * float(pos.median()) if pos.numel() else 1e-8
     return torch.where(A > 0, d.clamp_min(floor), prev)
 
 
@@ -413,9 +421,9 @@ def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Te
     """
     depth = st.depth if depth is None else depth
     X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)
-    mom = Moments(data.n_edges, X.device)
+    mom = Moments(data.n_edges)
     area_i, area_j = areas(data)
-    loss = 0.0
+    loss = torch.zeros((), device=X.device, dtype=torch.float64)
     for sl in _chunks(data):
         e = data.edges[sl]
         for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
@@ -424,13 +432,13 @@ def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Te
             Xt = X[e[:, col]]
             if irls_eps is not None:
                 dist = (Xt - apply_sim(st.s[sl], st.R[sl], st.t[sl], p)).norm(dim=-1)
-                loss += float((w * dist).sum()) / (area_i if side == 1 else area_j)
+                loss += (w * dist).sum().double() / (area_i if side == 1 else area_j)
                 w = w / dist.clamp_min(irls_eps)
             b = p.shape[0]
             mom.add(p.reshape(b, -1, 3), Xt.reshape(b, -1, 3), w.reshape(b, -1), idx=sl)
-    s, R, t = mom.solve(True)
+    s, R, t = (x.to(X.device) for x in mom.solve(True))
     ok = torch.isfinite(s) & (s > 0)
     st.s = torch.where(ok, s.float(), st.s)
     st.R = torch.where(ok[:, None, None], R.float(), st.R)
     st.t = torch.where(ok[:, None], t.float(), st.t)
-    return loss
+    return float(loss)

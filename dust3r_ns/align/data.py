@@ -59,8 +59,9 @@ class PairData:
         return (w if sl is None else w[sl]).float()
 
     def conf(self, which: int, sl: slice | torch.Tensor | None = None) -> torch.Tensor:
-        """float32 confidences (exp of the stored log-confidence; 1 on padding)."""
-        return self.weights(which, sl).exp()
+        """float32 confidences (exp of the stored log-confidence; 0 on padding, which has log-weight 0)."""
+        w = self.weights(which, sl)
+        return torch.where(w > 0, w.exp(), torch.zeros_like(w))
 
     def coarse(self, stride: int) -> "PairData":
         """Contiguous copy of the stacks sub-sampled by `stride` (pixel coordinates stay exact)."""
@@ -112,7 +113,12 @@ def _meta(view: dict, key: str, p: int) -> Any:
 
 
 def _log_weights(confs: list[torch.Tensor], P: int, H: int, W: int, dev: torch.device, dtype: torch.dtype,
-                 what: str) -> torch.Tensor:
+                 what: str, orig: Any = None) -> torch.Tensor:
+    if isinstance(orig, torch.Tensor) and tuple(orig.shape) == (P, H, W):   # stacked: one vectorised pass
+        c = orig.detach().to(dev, torch.float32)
+        if not bool((torch.isfinite(c) & (c > 0)).all()):
+            raise AlignError(f"{what} has non-finite or non-positive values; confidences are 1 + exp(x)")
+        return c.clamp_min(1.0).log().to(dtype)
     out = torch.zeros(P, H, W, dtype=dtype, device=dev)
     for p, c in enumerate(confs):
         c = c.detach().to(dev, torch.float32)
@@ -176,8 +182,8 @@ def parse_output(output: dict, device: str | torch.device = "cpu", store_dtype: 
         if not torch.isfinite(t).all():
             raise AlignError(f"{name} contains NaN/inf values; check the network output (fp16 overflow?)")
     # log-confidence weights, stored instead of the confidences (the reference's 'log' confidence transform)
-    w1 = _log_weights(c1, P, H, W, dev, store_dtype, "pred1 conf")
-    w2 = _log_weights(c2, P, H, W, dev, store_dtype, "pred2 conf")
+    w1 = _log_weights(c1, P, H, W, dev, store_dtype, "pred1 conf", p1["conf"])
+    w2 = _log_weights(c2, P, H, W, dev, store_dtype, "pred2 conf", p2["conf"])
     del a1, a2, c1, c2
 
     names = [f"image_{k:04d}" for k in range(N)]

@@ -20,6 +20,10 @@ import torch
 from .core import (BASE_SCALE, Constraints, State, _chunks, apply_sim, areas, depth_from_targets, fit_cameras,
                    fit_edges, sub_depth, world_points)
 from .data import PairData
+from .geometry import pixel_grid
+
+
+EPS_REL = 1e-3   # IRLS distance floor relative to the median depth
 
 
 def auto_stride(H: int, W: int, target: int = 3072) -> int:
@@ -32,7 +36,7 @@ def auto_stride(H: int, W: int, target: int = 3072) -> int:
 
 def _irls_eps(depth: torch.Tensor) -> float:
     pos = depth[depth > 0]
-    return 1e-3 * float(pos.median()) if pos.numel() else 1e-3
+    return EPS_REL * float(pos.median()) if pos.numel() else EPS_REL
 
 
 @torch.no_grad()
@@ -68,7 +72,7 @@ def accumulate_targets(data: PairData, st: State, X: torch.Tensor, eps: float, l
 
 @torch.no_grad()
 def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 60, tol: float = 1e-4,
-               stride: int | None = None, coarse: PairData | None = None, cam_iters: int = 2, fine_iter: int = 3,
+               stride: int | None = None, coarse: PairData | None = None, cam_iters: int = 2, fine_iter: int = 8,
                verbose: bool = False) -> dict:
     """Run the fast solver in place on `st` (full-resolution state). Returns stats (iterations, losses, times).
 
@@ -89,51 +93,84 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 60,
         bar = tqdm(total=max_iter, desc=f"align fast (1/{s} res)", leave=False)
     losses: list[float] = []
     dc = sub_depth(st.depth, s)
-    d_start = dc.clone()
+    eps = _irls_eps(dc)   # IRLS distance floor: 1e-3 x median depth, following the scale normalisation below
     for it in range(max_iter):
         n_it = it + 1
-        eps = _irls_eps(dc)
         loss = fit_edges(coarse, st, irls_eps=eps, depth=dc)
         losses.append(loss)
         c = _normalize(st, cons)
         dc = dc * c
+        eps = eps * c
         X = world_points(st.c2w, st.focal, st.pp, dc, coarse.stride)
         Y, A = accumulate_targets(coarse, st, X, eps)
         st.c2w, st.focal, st.pp = fit_cameras(Y, A, st.c2w, st.focal, st.pp, cons, stride=coarse.stride,
                                               iters=cam_iters)
-        dc = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, dc, coarse.stride)
+        dc = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, dc, coarse.stride, floor=0.1 * eps)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.5g}")
-        if (math.isfinite(prev) and abs(prev - loss) <= tol * abs(prev)) or loss <= 1e-3 * eps:
+        if (math.isfinite(prev) and abs(prev - loss) <= tol * abs(prev)) or loss <= 1e-2 * eps:  # eps = 1e-3 median depth
             break
         prev = loss
     t_coarse = time.perf_counter() - t0
     final: list[float] = []
     if s > 1:
-        # full resolution: IRLS weights from the old full-res depth rescaled like its coarse samples, then the
-        # closed-form depth of every pixel for the final cameras and edges (one pass), then the loss (one pass)
-        ratio = (dc / d_start.clamp_min(1e-30)).flatten(1).median(dim=1).values
-        depth = st.depth * ratio[:, None, None]
-        eps = _irls_eps(dc)
+        # full resolution, cameras and edges fixed: start from the per-pixel weighted median of the edges' depth
+        # candidates (robust to outliers), then IRLS passes of the closed-form depth until the loss settles
+        depth = median_depth(data, st, floor=0.1 * eps)
         prevf = math.inf
-        for _ in range(fine_iter):   # IRLS on the per-pixel depths (cameras and edges fixed)
+        for k in range(fine_iter):   # IRLS passes, kept only while they lower the loss
             fl: list[float] = []
             X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)
             Y, A = accumulate_targets(data, st, X, eps, loss_out=fl)
             del X
-            depth = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, depth, data.stride)
-            del Y, A
             final.append(fl[0])
-            if abs(prevf - fl[0]) <= 10 * tol * abs(prevf):
+            if fl[0] >= prevf:
+                depth = prev_depth
                 break
-            prevf = fl[0]
+            prev_depth, prevf = depth, fl[0]
+            depth = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, depth, data.stride, floor=0.1 * eps)
+            del Y, A
+            if math.isfinite(prevf) and k > 0 and abs(final[-2] - fl[0]) <= 10 * tol * abs(final[-2]):
+                break
         st.depth = depth
     else:
         st.depth = dc
     if bar is not None:
         bar.close()
     return dict(iterations=n_it, stride=s, coarse_losses=losses, fine_losses=final, t_coarse=t_coarse, t_total=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def median_depth(data: PairData, st: State, floor: float) -> torch.Tensor:
+    """Per pixel, the log-conf weighted median of the depths (along the pixel's ray) of the edges' transformed
+    predictions of that image: a robust one-shot estimate of the depth minimising the L2-norm loss."""
+    N = data.n_images
+    H, W = data.HW
+    e = data.edges
+    u, v = pixel_grid(H * data.stride, W * data.stride, st.depth.device, torch.float32, data.stride)
+    out = torch.empty(N, H, W, device=st.depth.device)
+    for n in range(N):
+        cands, wts = [], []
+        for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
+            ks = torch.nonzero(e[:, col] == n)[:, 0]
+            if len(ks):
+                Yp = apply_sim(st.s[ks], st.R[ks], st.t[ks], pts[ks])              # (k,H,W,3) world
+                Z = (Yp - st.c2w[n, :3, 3]) @ st.c2w[n, :3, :3]                     # camera frame
+                rx = (u - st.pp[n, 0]) / st.focal[n]
+                ry = (v - st.pp[n, 1]) / st.focal[n]
+                cands.append((rx * Z[..., 0] + ry * Z[..., 1] + Z[..., 2]) / (rx * rx + ry * ry + 1))
+                wts.append(data.weights(side, ks))
+        d = torch.cat(cands).flatten(1)
+        w = torch.cat(wts).flatten(1)
+        d, order = d.sort(0)
+        w = w.gather(0, order)
+        cw = w.cumsum(0)
+        k = (cw < 0.5 * cw[-1:]).sum(0, keepdim=True).clamp_max(d.shape[0] - 1)
+        med = d.gather(0, k)[0]
+        med = torch.where(cw[-1] > 0, med, st.depth[n].flatten() if st.depth.shape[1:] == (H, W) else med)
+        out[n] = med.reshape(H, W).clamp_min(floor)
+    return out
 
 
 def _normalize(st: State, cons: Constraints) -> float:

@@ -18,8 +18,9 @@ def pixel_grid(H: int, W: int, device: torch.device | str = "cpu", dtype: torch.
 class Moments:
     """Accumulated weighted moments between source points x and target points y (batched over B)."""
 
-    def __init__(self, B: int, device: torch.device, dtype: torch.dtype = torch.float64) -> None:
-        z = lambda *s: torch.zeros(B, *s, device=device, dtype=dtype)  # noqa: E731
+    def __init__(self, B: int, device: torch.device | None = None, dtype: torch.dtype = torch.float64) -> None:
+        # the accumulators and the 3x3 solves live on the CPU in float64 (tiny; batched small SVDs are slow on GPUs)
+        z = lambda *s: torch.zeros(B, *s, dtype=dtype)  # noqa: E731
         self.w, self.sx, self.sy, self.sxx, self.syx = z(), z(3), z(3), z(), z(3, 3)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, idx: slice | torch.Tensor | None = None) -> None:
@@ -28,14 +29,14 @@ class Moments:
         one = torch.ones_like(w)[..., None]
         xa = torch.cat([x, one], -1) * w[..., None]               # (b,M,4) weighted [x, 1]
         ya = torch.cat([y, (x * x).sum(-1, keepdim=True), one], -1)  # (b,M,5) [y, |x|^2, 1]
-        G = (ya.transpose(1, 2) @ xa).to(self.w.dtype)             # (b,5,4)
+        G = (ya.transpose(1, 2) @ xa).to("cpu", self.w.dtype)      # (b,5,4)
         vals = dict(w=G[:, 4, 3], sx=G[:, 4, :3], sy=G[:, :3, 3], sxx=G[:, 3, 3], syx=G[:, :3, :3])
         for name, val in vals.items():
             buf = getattr(self, name)
             if idx is None:
                 buf += val
             else:
-                buf[idx] += val
+                buf[idx.cpu() if isinstance(idx, torch.Tensor) else idx] += val
 
     def solve(self, with_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weighted Umeyama: (s, R, t) minimising sum w ||y - (s R x + t)||^2. s = 1 when with_scale is False."""
@@ -58,10 +59,10 @@ def umeyama(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None, wit
     """Batched weighted Procrustes y ~ s R x + t for x, y (B,M,3), w (B,M)."""
     if w is None:
         w = torch.ones(x.shape[:-1], device=x.device)
-    m = Moments(x.shape[0], x.device)
+    m = Moments(x.shape[0])
     m.add(x, y, w)
     s, R, t = m.solve(with_scale)
-    return s.to(x.dtype), R.to(x.dtype), t.to(x.dtype)
+    return s.to(x.device, x.dtype), R.to(x.device, x.dtype), t.to(x.device, x.dtype)
 
 
 def default_focal(H: int, W: int) -> float:
@@ -113,3 +114,31 @@ def so3_exp(w: torch.Tensor) -> torch.Tensor:
     b = torch.where(small, 0.5 - th ** 2 / 24, (1 - torch.cos(ths)) / ths ** 2)
     eye = torch.eye(3, device=w.device, dtype=w.dtype).expand_as(K)
     return eye + a * K + b * (K @ K)
+
+
+def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices (...,3,3) from quaternions (...,4) stored (x, y, z, w); normalised first (differentiable)."""
+    q = q / q.norm(dim=-1, keepdim=True)
+    x, y, z, w = q.unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1).reshape(*q.shape[:-1], 3, 3)
+
+
+def rotmat_to_quat(R: torch.Tensor) -> torch.Tensor:
+    """Unit quaternions (...,4) (x, y, z, w), w >= 0, from rotation matrices (...,3,3) (Shepperd's method)."""
+    m = R.reshape(-1, 3, 3)
+    tr = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
+    cands = torch.stack([
+        torch.stack([m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1], 1 + tr], -1),
+        torch.stack([1 + 2 * m[:, 0, 0] - tr, m[:, 0, 1] + m[:, 1, 0], m[:, 0, 2] + m[:, 2, 0], m[:, 2, 1] - m[:, 1, 2]], -1),
+        torch.stack([m[:, 0, 1] + m[:, 1, 0], 1 + 2 * m[:, 1, 1] - tr, m[:, 1, 2] + m[:, 2, 1], m[:, 0, 2] - m[:, 2, 0]], -1),
+        torch.stack([m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1], 1 + 2 * m[:, 2, 2] - tr, m[:, 1, 0] - m[:, 0, 1]], -1),
+    ], 1)                                                                   # (B,4,4): 4 candidate (unnormalised) quats
+    diag = torch.stack([tr, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], -1)
+    best = diag.argmax(-1)
+    q = cands[torch.arange(m.shape[0], device=R.device), best]
+    q = q / q.norm(dim=-1, keepdim=True)
+    q = torch.where(q[:, 3:4] < 0, -q, q)
+    return q.reshape(*R.shape[:-2], 4)
