@@ -25,6 +25,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp creates 0600 files; use the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -2,7 +2,8 @@
 
 For edge (i, j): pred1 = view i's points in camera i's frame, pred2 = view j's points in camera i's frame, both
 corrupted per pair by one random similarity (unknown scale, small rotation and translation), multiplicative noise
-along each view's rays, and outliers pushed along their rays with low confidence.
+along each view's rays (white per pixel + a smooth low-frequency field), optionally a per-map focal error, and
+outliers pushed along their rays with low confidence. Invalid pixels get confidence 1 and a finite point.
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ def oracle_pairs(views: list[dict], edges: list[tuple[int, int]], noise: NoiseCo
     noise.validate()
     if not edges:
         raise ValueError("oracle_pairs: edges is empty")
+    for k, v in enumerate(views):
+        missing = {"rgb", "depth", "valid", "c2w", "K"} - set(v)
+        if missing:
+            raise ValueError(f"oracle_pairs: view {k} lacks {sorted(missing)}; build views with synth.render_views")
     shapes = {v["depth"].shape for v in views}
     if len(shapes) != 1:
         raise ValueError(f"oracle_pairs: all views must have the same size, got {sorted(shapes)}")
@@ -180,7 +185,7 @@ def oracle_pairs(views: list[dict], edges: list[tuple[int, int]], noise: NoiseCo
         P2[e] = Xj @ (s * Rn @ T[:3, :3]).T + s * (Rn @ T[:3, 3] + tn)
 
     used = sorted(cache)
-    slot = {k: n for n, k in enumerate(used)}
+    slot = {k: m for m, k in enumerate(used)}
     imgs = np.stack([np.ascontiguousarray(views[k]["rgb"].transpose(2, 0, 1)) for k in used]).astype(np.float32)
     imgs = (imgs / 255 - 0.5) / 0.5                              # (V,3,H,W) in [-1, 1]
 
