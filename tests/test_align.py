@@ -88,6 +88,33 @@ def test_noisy_bounded_and_fast_matches_baseline_loss():
     assert fast.meta["iterations"] < 60 and base.meta["iterations"] == 300
 
 
+@pytest.mark.parametrize("noisy", [False, True])
+def test_synth_scene_ground_truth(noisy):
+    """Ray-cast scene (occlusions, sky with conf 1, outliers when noisy) through dust3r_ns.synth oracle pairs."""
+    synth = pytest.importorskip("dust3r_ns.synth")
+    from dust3r_ns.metrics import pose_metrics
+
+    scene = synth.make_scene(3)
+    c2w, K = synth.camera_path(scene, 4, baseline="moderate", seed=3, H=32, W=40)
+    views = synth.render_views(scene, c2w, K, 32, 40)
+    edges = [(i, j) for i in range(4) for j in range(4) if i != j]
+    out = synth.oracle_pairs(views, edges, noise=synth.NoiseConfig() if noisy else synth.NoiseConfig.none(), seed=3)
+    rec = global_align(out, verbose=False)
+    pm = pose_metrics(rec.c2w, c2w)
+    ferr = np.abs(rec.focals / K[:, 0, 0] - 1).max()
+    if noisy:
+        assert pm["rra_max_deg"] < 0.5 and pm["ate_pct"] < 1.0 and ferr < 0.01
+    else:
+        assert rra_max(rec.c2w, c2w) < 0.1 and ferr < 0.005 and pm["ate_pct"] < 0.1
+
+
+def test_iteration_cap_warns():
+    out, _ = make_pairs_output(n=4, noise=0.01, seed=13)
+    with pytest.warns(RuntimeWarning, match="iteration cap"):
+        rec = global_align(out, niter=2, verbose=False)
+    assert rec.meta["converged"] == 0 and rec.meta["iterations"] == 2
+
+
 def test_float16_storage_and_mixed_shapes():
     shapes = [(24, 32), (32, 24), (24, 32), (32, 24)]
     out, gt = make_pairs_output(n=4, shapes=shapes, seed=3)

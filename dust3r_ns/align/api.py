@@ -161,7 +161,8 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
                 apply_known_poses(st, cons)
                 fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride))
                 if not cons.normalize_scale:
-                    s2 = solve_fast(data, st, cons, max_iter=metric_iter, tol=1e-3, coarse=coarse, verbose=verbose)
+                    s2 = solve_fast(data, st, cons, max_iter=metric_iter, tol=1e-3, coarse=coarse, verbose=verbose,
+                                    warn_cap=False)
                     stats["iterations"] += s2["iterations"]
         else:
             stats = solve_baseline(data, st, cons, niter=300 if niter is None else niter, lr=lr, verbose=verbose)
@@ -172,7 +173,8 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
     loss = objective(data, st)
     rec = _to_reconstruction(data, st, cons)
     rec.meta.update(mode=mode if N > 2 else ("pair" if N == 2 else "monocular"), loss=float(loss),
-                    iterations=int(stats.get("iterations", 0)), seconds=float(time.perf_counter() - t0),
+                    iterations=int(stats.get("iterations", 0)), converged=int(bool(stats.get("converged", True))),
+                    seconds=float(time.perf_counter() - t0),
                     conf_thr=float(conf_thr))
     return rec
 
