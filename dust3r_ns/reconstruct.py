@@ -71,6 +71,16 @@ def _check_out(cfg: ReconstructConfig) -> None:
         raise PermissionError(f"{parent}: output location is not writable; choose another --out")
 
 
+def _default_permissions(root: Path) -> None:
+    """Temp files/folders are created private (0600/0700); give the finished output the user's usual modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
 def run(cfg: ReconstructConfig):
     from dust3r_ns.align import global_align
     from dust3r_ns.cli import run_pairs
@@ -96,6 +106,7 @@ def run(cfg: ReconstructConfig):
             (scene / sub).mkdir()
             for name, m in zip(rec.names, maps):
                 np.save(scene / sub / f"{Path(name).stem}.npy", m)
+        _default_permissions(scene)
         if cfg.out.exists():
             old = parent / f".{cfg.out.name}.old"
             shutil.rmtree(old, ignore_errors=True)

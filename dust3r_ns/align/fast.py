@@ -99,10 +99,21 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 60,
     converged = False
     dc = sub_depth(st.depth, s)
     eps = _irls_eps(dc)   # IRLS distance floor: 1e-3 x median depth, following the scale normalisation below
+    best_loss, best = math.inf, None
+    diverged = False
     for it in range(max_iter):
         n_it = it + 1
         loss = fit_edges(coarse, st, irls_eps=eps, depth=dc)
         losses.append(loss)
+        if not math.isfinite(loss) or loss > 10 * best_loss:
+            # diverging (degenerate predictions): go back to the best state seen and stop
+            st.c2w, st.focal, st.pp, st.s, st.R, st.t, dc, eps = best
+            diverged = True
+            break
+        if loss < best_loss:
+            best_loss = loss
+            best = (st.c2w.clone(), st.focal.clone(), st.pp.clone(), st.s.clone(), st.R.clone(), st.t.clone(),
+                    dc.clone(), eps)
         c = _normalize(st, cons)
         dc = dc * c
         eps = eps * c
@@ -144,14 +155,19 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 60,
         st.depth = dc
     if bar is not None:
         bar.close()
-    if not converged and max_iter > 1 and warn_cap:
+    if diverged:
+        import warnings
+
+        warnings.warn("fast alignment diverged (the pair predictions disagree strongly); kept the best iterate",
+                      RuntimeWarning, stacklevel=3)
+    elif not converged and max_iter > 1 and warn_cap:
         import warnings
 
         rel = abs(losses[-2] - losses[-1]) / max(abs(losses[-2]), 1e-30) if len(losses) > 1 else float("nan")
         warnings.warn(f"fast alignment stopped at its {max_iter}-iteration cap (relative loss change {rel:.1e} > tol "
                       f"{tol:.0e}); sparse, chain-like scene graphs (swin on long sequences) converge slowly in this "
                       "mode: raise niter or use mode='baseline'", RuntimeWarning, stacklevel=3)
-    return dict(iterations=n_it, converged=converged, stride=s, coarse_losses=losses, fine_losses=final, t_coarse=t_coarse, t_total=time.perf_counter() - t0)
+    return dict(iterations=n_it, converged=converged, diverged=diverged, stride=s, coarse_losses=losses, fine_losses=final, t_coarse=t_coarse, t_total=time.perf_counter() - t0)
 
 
 @torch.no_grad()
