@@ -122,13 +122,15 @@ def run_infer(cfg: InferConfig) -> dict:
 
 
 def _bench(argv: list[str]):
-    if not argv or argv[0] not in ("inference", "align"):
-        raise SystemExit("usage: dust3r-ns bench {inference|align} [--help]")
+    if not argv or argv[0] not in ("inference", "align", "model"):
+        raise SystemExit("usage: dust3r-ns bench {inference|align|model} [--help]")
     if argv[0] == "inference":
-        from dust3r_ns.bench.inference import InferenceBenchConfig, run
+        from dust3r_ns.bench.inference import InferenceBenchConfig as Config, run
+    elif argv[0] == "align":
+        from dust3r_ns.align.bench import AlignBenchConfig as Config, run  # type: ignore[no-redef]
     else:
-        from dust3r_ns.align.bench import AlignBenchConfig as InferenceBenchConfig, run  # type: ignore[no-redef]
-    run(tyro.cli(InferenceBenchConfig, args=argv[1:], prog=f"dust3r-ns bench {argv[0]}"))
+        from dust3r_ns.bench.model_eval import ModelEvalConfig as Config, run  # type: ignore[no-redef]
+    run(tyro.cli(Config, args=argv[1:], prog=f"dust3r-ns bench {argv[0]}"))
 
 
 def _commands() -> dict:
