@@ -49,6 +49,9 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             img = ImageOps.exif_transpose(im).convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: image too large to decode safely ({str(e).splitlines()[0][:80]}); "
+                         "downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
                          "remove it or re-export it as JPEG/PNG") from None
@@ -65,10 +68,18 @@ def _resize_long_side(img: Image.Image, long_side: int) -> Image.Image:
     return img.resize(new, interp)
 
 
-def preprocess(img: Image.Image, size: int, square_ok: bool = False):
-    """Reference resize + crop of an upright RGB image. Returns (cropped PIL image, transform (sx, sy, x0, y0))."""
-    if size not in (224, 512):
-        raise ValueError(f"image size must be 224 or 512 (the published models' sizes), got {size}")
+def check_size(size: int) -> int:
+    """The network input size: 224 or 512 (the published models)."""
+    if isinstance(size, bool) or size not in (224, 512):
+        raise ValueError(f"image size must be 224 or 512 (the published models' sizes), got {size!r}")
+    return int(size)
+
+
+def preprocess(img: Image.Image, size: int, square_ok: bool = False, label: str = "image"):
+    """Reference resize + crop of an upright RGB image. Returns (cropped PIL image, transform (sx, sy, x0, y0)).
+
+    `label` names the image in errors (its path)."""
+    size = check_size(size)
     W1, H1 = img.size
     if size == 224:
         resized = _resize_long_side(img, round(size * max(W1 / H1, H1 / W1)))
@@ -85,15 +96,15 @@ def preprocess(img: Image.Image, size: int, square_ok: bool = False):
             halfh = 3 * halfw // 4
         box = (cx - halfw, cy - halfh, cx + halfw, cy + halfh)
     if box[2] - box[0] < MIN_SIDE or box[3] - box[1] < MIN_SIDE:
-        raise ImageError(f"image of {W1}x{H1} pixels leaves a {box[2] - box[0]}x{box[3] - box[1]} crop at size "
-                         f"{size}; its aspect ratio is too extreme, crop it first")
+        raise ImageError(f"{label}: image of {W1}x{H1} pixels leaves a {box[2] - box[0]}x{box[3] - box[1]} crop "
+                         f"at size {size}; its aspect ratio is too extreme, crop it first")
     transform = np.array([W / W1, H / H1, box[0], box[1]], dtype=np.float64)
     return resized.crop(box), transform
 
 
 def _view(img: Image.Image, size: int, idx: int, name: str, path: str, square_ok: bool) -> dict:
     orig_size = img.size
-    crop, transform = preprocess(img, size, square_ok)
+    crop, transform = preprocess(img, size, square_ok, label=path or name)
     rgb = np.array(crop, dtype=np.uint8)
     x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
     return dict(img=x[None], true_shape=np.int32([rgb.shape[:2]]), idx=idx, instance=str(idx), path=path,
@@ -118,6 +129,7 @@ def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbo
     Returns the reference view dicts (`img` (1,3,H,W) in [-1,1], `true_shape` (1,2), `idx`, `instance`) with
     `path`, `name`, `orig_size` (W,H), `transform` (sx, sy, x0, y0) and `rgb` (H,W,3 uint8).
     """
+    size = check_size(size)
     if isinstance(paths_or_folder, (str, os.PathLike)) and Path(paths_or_folder).is_dir():
         files, strict = list_images(paths_or_folder), False
     else:
@@ -128,20 +140,21 @@ def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbo
             raise ImageError("no images given; pass image files or a folder of images")
     views, names = [], set()
     for path in files:
+        name = path.name
+        if name in names:
+            raise ImageError(f"{path}: another input has the same file name {name!r}; rename one of them")
         try:
-            img = open_rgb(path)
+            view = _view(open_rgb(path), size, len(views), name, str(path), square_ok)
         except ImageError as e:
             if strict:
                 raise
             warnings.warn(f"skipping {e}", stacklevel=2)
             continue
-        name = path.name
-        if name in names:
-            raise ImageError(f"{path}: another input has the same file name {name!r}; rename one of them")
         names.add(name)
-        views.append(_view(img, size, len(views), name, str(path), square_ok))
+        views.append(view)
         if verbose:
-            print(f"loaded {path} {img.size} -> {views[-1]['rgb'].shape[1]}x{views[-1]['rgb'].shape[0]}")
+            h, w = view["rgb"].shape[:2]
+            print(f"loaded {path} {tuple(view['orig_size'].tolist())} -> {w}x{h}")
     if not views:
         raise ImageError(f"{paths_or_folder}: none of the {len(files)} image files could be read; see the warnings")
     return views
@@ -149,10 +162,14 @@ def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbo
 
 def images_from_arrays(arrays, size: int = 512, square_ok: bool = False) -> list[dict]:
     """Same preprocessing for in-memory uint8 (H,W,3) arrays, named image_000.png, ..."""
+    size = check_size(size)
     views = []
     for i, a in enumerate(arrays):
         a = np.asarray(a)
         if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
-            raise ImageError(f"array {i}: expected uint8 (H, W, 3), got {a.dtype} {a.shape}")
+            raise ImageError(f"array {i}: expected uint8 (H, W, 3), got {a.dtype} {a.shape}; convert it first")
+        if min(a.shape[:2]) < MIN_SIDE:
+            raise ImageError(f"array {i}: image is {a.shape[1]}x{a.shape[0]} pixels, too small (< {MIN_SIDE} px); "
+                             "use a larger image")
         views.append(_view(Image.fromarray(a), size, i, f"image_{i:03d}.png", "", square_ok))
     return views

@@ -1,7 +1,9 @@
 """Scene graphs: which image pairs DUSt3R runs on (complete, swin-k, logwin-k, oneref-k, -noncyclic variants).
 
 Edges are unordered pairs listed as in the reference (complete: (i, j) for every j < i); `symmetrize` appends every
-pair in the other order, so each edge is predicted from both sides. One image gives the monocular pair (0, 0).
+pair in the other order, so each edge is predicted from both sides. One image gives the monocular pair (0, 0)
+(twice when symmetrized, as the reference runs the duplicated image in both view slots), whatever the graph name.
+Names without K use K=3 (swin, logwin) and K=0 (oneref, the reference image index).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ GRAPH_HELP = "complete, swin-K, logwin-K, oneref-K (swin/logwin also with a -non
 
 
 def _parse(scene_graph: str) -> tuple[str, int, bool]:
+    if not isinstance(scene_graph, str):
+        raise ValueError(f"scene graph must be a string like 'complete' or 'swin-3', got {scene_graph!r}")
     m = re.fullmatch(r"(complete|swin|logwin|oneref)(?:-(\d+))?(-noncyclic)?", scene_graph.strip())
     if m is None or (m.group(1) in ("complete", "oneref") and m.group(3)):
         raise ValueError(f"unknown scene graph {scene_graph!r}; use {GRAPH_HELP}")
@@ -23,11 +27,26 @@ def _parse(scene_graph: str) -> tuple[str, int, bool]:
     return kind, k, not noncyclic
 
 
-def graph_edges(n: int, scene_graph: str = "complete", symmetrize: bool = True) -> list[tuple[int, int]]:
-    """Index pairs of the scene graph over n images."""
+def _parse_prefilter(prefilter: str | None) -> tuple[str, int] | None:
+    if prefilter is None or prefilter == "":
+        return None
+    m = re.fullmatch(r"(seq|cyc)(\d+)", str(prefilter).strip())
+    if m is None or int(m.group(2)) < 1:
+        raise ValueError(f"unknown pair prefilter {prefilter!r}; use seqN (keep |i-j| <= N) or cycN (cyclic "
+                         "index distance <= N), N >= 1, or None")
+    return m.group(1), int(m.group(2))
+
+
+def graph_edges(n: int, scene_graph: str = "complete", symmetrize: bool = True,
+                prefilter: str | None = None) -> list[tuple[int, int]]:
+    """Index pairs of the scene graph over n images.
+
+    `prefilter` 'seqN' keeps pairs with |i - j| <= N, 'cycN' pairs with cyclic index distance <= N (for videos).
+    """
     if n < 1:
         raise ValueError("no images: a scene graph needs at least one image")
     kind, k, cyclic = _parse(scene_graph)
+    filt = _parse_prefilter(prefilter)
     if n == 1:
         return [(0, 0)] * (2 if symmetrize else 1)
     if kind == "complete":
@@ -49,14 +68,21 @@ def graph_edges(n: int, scene_graph: str = "complete", symmetrize: bool = True) 
                 if i != j:
                     found.add((min(i, j), max(i, j)))
         edges = sorted(found)
+    if filt is not None:
+        mode, dmax = filt
+        edges = [(i, j) for i, j in edges
+                 if (abs(i - j) if mode == "seq" else min(abs(i - j), n - abs(i - j))) <= dmax]
     if symmetrize:
         edges = edges + [(j, i) for i, j in edges]
     return edges
 
 
-def make_pairs(views: list, scene_graph: str = "complete", symmetrize: bool = True) -> list[tuple]:
+def make_pairs(views: list, scene_graph: str = "complete", symmetrize: bool = True,
+               prefilter: str | None = None) -> list[tuple]:
     """(view_i, view_j) tuples of the scene graph over the given views (dicts from `load_images`)."""
-    return [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph, symmetrize)]
+    if not isinstance(views, (list, tuple)):
+        raise ValueError(f"make_pairs needs a list of views (from load_images), got {type(views).__name__}")
+    return [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph, symmetrize, prefilter)]
 
 
 def default_scene_graph(n: int) -> str:

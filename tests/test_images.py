@@ -89,3 +89,57 @@ def test_exif_orientation_applied(tmp_path):
     view = load_images([tmp_path / "rot.jpg"], size=512)[0]
     assert tuple(view["orig_size"]) == (48, 80)  # upright: portrait
     assert view["true_shape"][0, 0] > view["true_shape"][0, 1]
+
+
+def test_bad_size_and_arrays():
+    img = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="224 or 512"):
+        images_from_arrays([img], size=256)
+    with pytest.raises(ImageError, match="too small"):
+        images_from_arrays([np.zeros((8, 64, 3), np.uint8)], size=224)
+    with pytest.raises(ImageError, match="uint8"):
+        images_from_arrays([np.zeros((64, 64), np.float32)], size=224)
+    views = images_from_arrays([img, img], size=224)
+    assert [v["name"] for v in views] == ["image_000.png", "image_001.png"] and views[1]["idx"] == 1
+
+
+def test_extreme_aspect_named_and_skipped_in_folder(tmp_path):
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((20, 1200, 3), 128, np.uint8)).save(tmp_path / "strip.png")  # 512x9 after resize
+    with pytest.raises(ImageError, match="aspect ratio") as e:
+        load_images([tmp_path / "strip.png"], size=512)
+    assert "strip.png" in str(e.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        views = load_images(tmp_path, size=512)
+    assert [v["name"] for v in views] == ["a.png"] and "strip.png" in str(caught[0].message)
+
+
+def test_heic_without_extra_is_clear(tmp_path, monkeypatch):
+    import dust3r_ns.images as images
+
+    monkeypatch.setattr(images, "_heif_available", lambda: False)
+    (tmp_path / "x.heic").write_bytes(b"\0" * 64)
+    with pytest.raises(ImageError, match="HEIC") as e:
+        load_images([tmp_path / "x.heic"], size=512)
+    assert "x.heic" in str(e.value)
+
+
+def test_rgba_and_grayscale_become_rgb(tmp_path):
+    Image.fromarray(np.full((48, 64, 4), 200, np.uint8), "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(np.full((48, 64), 77, np.uint8), "L").save(tmp_path / "b.bmp")
+    a, b = load_images(tmp_path, size=224)
+    assert a["rgb"].shape == (224, 224, 3) and b["rgb"].shape == (224, 224, 3)
+    assert abs(int(b["rgb"][100, 100, 0]) - 77) <= 1 and b["rgb"][..., 0].tolist() == b["rgb"][..., 2].tolist()
+
+
+@pytest.mark.parametrize("ext,kw", [(".webp", {"lossless": True}), (".tiff", {}), (".bmp", {}), (".jpeg", {"quality": 100})])
+def test_formats_decode(tmp_path, ext, kw):
+    yy, xx = np.mgrid[0:48, 0:64]
+    arr = np.stack([xx * 4, yy * 5, 255 - xx * 2], -1).astype(np.uint8)  # smooth: JPEG keeps it
+    Image.fromarray(arr).save(tmp_path / f"x{ext.upper()}", **kw)  # upper-case extension is found too
+    (view,) = load_images(tmp_path, size=224)
+    ref = images_from_arrays([arr], size=224)[0]
+    tol = 0 if ext != ".jpeg" else 3
+    assert np.abs(view["rgb"].astype(int) - ref["rgb"].astype(int)).mean() <= tol
+    assert view["name"] == f"x{ext.upper()}"

@@ -55,3 +55,30 @@ def test_no_images_and_default():
     assert default_scene_graph(5) == "complete"
     g = default_scene_graph(64)
     assert len(graph_edges(64, g)) < len(graph_edges(64, "complete")) / 4
+
+
+def test_prefilter_seq_and_cyc():
+    seq = graph_edges(6, "complete", False, prefilter="seq2")
+    assert unordered(seq) == {(i, j) for i in range(6) for j in range(i + 1, 6) if j - i <= 2}
+    cyc = unordered(graph_edges(6, "complete", False, prefilter="cyc1"))
+    assert cyc == {(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (0, 5)}
+    v = [{"idx": i} for i in range(6)]
+    pairs = make_pairs(v, "complete", True, prefilter="seq1")
+    assert len(pairs) == 10 and all(abs(a["idx"] - b["idx"]) == 1 for a, b in pairs)
+    for bad in ("seq0", "foo3", "seq"):
+        with pytest.raises(ValueError, match="prefilter"):
+            graph_edges(6, "complete", prefilter=bad)
+
+
+def test_symmetrized_edges_cover_both_orders():
+    for g in ("complete", "swin-2", "logwin-2", "oneref-1", "swin-3-noncyclic"):
+        e = graph_edges(7, g)
+        half = len(e) // 2
+        assert len(set(e)) == len(e) and e[half:] == [(j, i) for i, j in e[:half]], g
+        assert all(i != j for i, j in e), g
+        assert {i for p in e for i in p} == set(range(7)), g  # every image takes part
+
+
+def test_non_string_graph():
+    with pytest.raises(ValueError, match="scene graph"):
+        graph_edges(3, None)
