@@ -135,7 +135,7 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 60,
         # full resolution, cameras and edges fixed: start from the per-pixel weighted median of the edges' depth
         # candidates (robust to outliers), then IRLS passes of the closed-form depth until the loss settles
         depth = median_depth(data, st, floor=0.1 * eps)
-        prevf = math.inf
+        prevf, prev_depth = math.inf, depth
         for k in range(fine_iter):   # IRLS passes, kept only while they lower the loss
             fl: list[float] = []
             X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)

@@ -1,0 +1,244 @@
+"""nerfstudio dataparser `dust3r`: a folder of unposed photos -> DUSt3R cameras, intrinsics and seed points.
+
+`--data` is a folder of photos. The parser runs pair inference + global alignment (or reuses a cached result, see
+`scene_cache`) and returns `DataparserOutputs` with
+- `Cameras`: OpenGL camera-to-world, per-image pinhole intrinsics in ORIGINAL-image pixels with nerfstudio's pixel
+  centres at +0.5 (what nerfstudio loads: the photos themselves, or upright PNG copies from the cache when a photo
+  has an EXIF rotation or a format/mode nerfstudio's loader mishandles);
+- orientation / centring / scaling as nerfstudio's COLMAP parser: world axes (x, y, z) -> (x, z, -y) (DUSt3R's
+  world is a y-down OpenCV frame), `auto_orient_and_center_poses`, then translations scaled by 1 / max|t|.
+  `dataparser_transform` (3x4) maps the reconstruction's world (`reconstruction.npz` in the cache entry) to the
+  nerfstudio world before the scale `dataparser_scale`;
+- `metadata["points3D_xyz"]` float32 (M,3) in the same frame and `metadata["points3D_rgb"]` uint8 (M,3): splatfacto
+  seeds its Gaussians from them.
+
+Keep this module free of datamanager/pipeline/model imports: nerfstudio imports dataparser entry points while its
+own config module is still initialising (circular import otherwise).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Type
+
+import numpy as np
+import torch
+
+from nerfstudio.cameras import camera_utils
+from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.data.utils.dataparsers_utils import (
+    get_train_eval_split_all,
+    get_train_eval_split_fraction,
+    get_train_eval_split_interval,
+)
+from nerfstudio.plugins.registry_dataparser import DataParserSpecification
+
+from dust3r_ns import conventions as cv
+from dust3r_ns.nerfstudio.scene_cache import (
+    CachedScene,
+    SceneError,
+    default_cache_dir,
+    list_images,
+    load_or_build,
+    model_identity,
+)
+
+# DUSt3R world (OpenCV-like: y down, z forward) -> z-up world, as nerfstudio's COLMAP parser does.
+WORLD_PERMUTATION = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1.0]])
+
+
+@dataclass
+class Dust3rDataParserConfig(DataParserConfig):
+    """Photos folder -> DUSt3R reconstruction (cached) -> nerfstudio cameras and seed points."""
+
+    _target: Type = field(default_factory=lambda: Dust3rDataParser)
+    data: Path = Path()
+    """Folder of photos (at least 2; sub-folders and hidden files are ignored)."""
+    model: Optional[str] = None
+    """DUSt3R checkpoint: .pth, Hugging Face folder, or hub name; None = the bundled model (synthetic scenes only)."""
+    image_size: Optional[int] = None
+    """Network image size (224 or 512); None = from the model."""
+    scene_graph: Optional[str] = None
+    """Pair graph: complete, swin-k, logwin-k, oneref-k (+ -noncyclic); None = chosen from the number of photos."""
+    align_mode: Literal["fast", "baseline"] = "fast"
+    """Global alignment solver: 'fast' (ours) or 'baseline' (the reference schedule)."""
+    align_niter: Optional[int] = None
+    """Alignment iteration cap; None = the solver's default."""
+    shared_focal: bool = False
+    """One focal length for all photos (same camera and zoom)."""
+    conf_thr: float = 3.0
+    """Confidence threshold for the alignment and the seed points."""
+    max_points: int = 100_000
+    """Seed point cap (voxel down-sampling keeps the most confident point per voxel); 0 = no cap."""
+    device: Optional[str] = None
+    """Torch device for DUSt3R and the alignment; None = cuda when available, else cpu."""
+    batch_size: int = 8
+    """Image pairs per network batch (bounds memory)."""
+    amp: Optional[Literal["bf16", "fp16"]] = None
+    """Mixed precision for the network; None = float32."""
+    cache_dir: Optional[Path] = None
+    """Reconstruction cache folder; None = <data>/.dust3r_cache (or ~/.cache/dust3r_ns/nerfstudio if read-only)."""
+    use_cache: bool = True
+    """Reuse a cached reconstruction of the same photos, model and options (False = always recompute)."""
+    orientation_method: Literal["pca", "up", "vertical", "none"] = "up"
+    """How to orient the scene (as the COLMAP parser)."""
+    center_method: Literal["poses", "focus", "none"] = "poses"
+    """How to centre the scene (as the COLMAP parser)."""
+    auto_scale_poses: bool = True
+    """Scale camera positions into [-1, 1] (as the COLMAP parser; by the points if the cameras barely move)."""
+    scale_factor: float = 1.0
+    """Extra scale applied to camera positions and points."""
+    scene_scale: float = 1.0
+    """Half-size of the scene box."""
+    eval_mode: Literal["fraction", "interval", "all"] = "interval"
+    """Train/eval split: every eval_interval-th photo held out, a fraction, or all photos in both."""
+    train_split_fraction: float = 0.9
+    """Fraction of photos used for training when eval_mode is 'fraction'."""
+    eval_interval: int = 8
+    """Every n-th photo is an eval photo when eval_mode is 'interval'."""
+
+
+class Dust3rDataParser(DataParser):
+    """Runs (or reuses) the DUSt3R reconstruction of `config.data` and exposes it to nerfstudio."""
+
+    config: Dust3rDataParserConfig
+
+    def __init__(self, config: Dust3rDataParserConfig):
+        super().__init__(config=config)
+        self.scene: Optional[CachedScene] = None
+        self.points_src: Optional[np.ndarray] = None
+        """(M,3) int64 (image index in the photo list, v, u network pixel) of each seed point (last call)."""
+        self.split_photo_indices: Optional[np.ndarray] = None
+        """Photo indices of the last split returned."""
+
+    # ------------------------------------------------------------------ reconstruction
+    def _device(self) -> str:
+        return self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _options(self) -> dict:
+        c = self.config
+        return {"image_size": c.image_size, "scene_graph": c.scene_graph, "align_mode": c.align_mode,
+                "align_niter": c.align_niter, "shared_focal": c.shared_focal, "conf_thr": c.conf_thr,
+                "amp": c.amp}
+
+    def _build(self, model: str, paths: list[Path]):
+        from dust3r_ns.align import global_align
+        from dust3r_ns.cli import run_pairs
+
+        c = self.config
+        dev = self._device()
+        print(f"dust3r: reconstructing {len(paths)} photos on {dev} (cached afterwards)", file=sys.stderr)
+        _, output = run_pairs([str(p) for p in paths], model, c.image_size, c.scene_graph, dev, c.batch_size, c.amp)
+        try:
+            rec = global_align(output, mode=c.align_mode, device=dev, niter=c.align_niter,
+                               shared_focal=c.shared_focal, conf_thr=c.conf_thr, verbose=True)
+        except ValueError as e:  # AlignError / ReconstructionError: unusable predictions
+            raise SceneError(f"{c.data}: global alignment failed ({e}); the model's predictions for these photos are "
+                             "unusable: check --model (the bundled model only knows synthetic scenes), the photos' "
+                             "overlap, or try --align-mode baseline") from e
+        del output
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()  # give the network's memory back before splatting starts
+        return rec
+
+    def get_scene(self) -> CachedScene:
+        """The (cached) reconstruction of the photo folder; computed once per parser."""
+        if self.scene is None:
+            c = self.config
+            photos = list_images(Path(c.data))
+            if c.model is None:
+                from dust3r_ns.cli import default_model_source
+
+                model = default_model_source()
+            else:
+                model = c.model
+            cache_dir = Path(c.cache_dir) if c.cache_dir is not None else default_cache_dir(Path(c.data))
+            self.scene = load_or_build(photos, cache_dir, model_identity(model), self._options(),
+                                       lambda paths: self._build(model, paths), use_cache=c.use_cache)
+        return self.scene
+
+    # ------------------------------------------------------------------ nerfstudio frame
+    def _split_indices(self, files: list[Path], split: str) -> np.ndarray:
+        c = self.config
+        if c.eval_mode == "fraction":
+            i_train, i_eval = get_train_eval_split_fraction(files, c.train_split_fraction)
+        elif c.eval_mode == "interval":
+            i_train, i_eval = get_train_eval_split_interval(files, c.eval_interval)
+        elif c.eval_mode == "all":
+            i_train, i_eval = get_train_eval_split_all(files)
+        else:
+            raise SceneError(f"unknown eval_mode {c.eval_mode!r}; use fraction, interval or all")
+        if split == "train":
+            return np.asarray(i_train, dtype=np.int64)
+        if split in ("val", "test"):
+            return np.asarray(i_eval, dtype=np.int64)
+        raise SceneError(f"unknown split {split!r}; expected train, val or test")
+
+    def _generate_dataparser_outputs(self, split: str = "train", **kwargs) -> DataparserOutputs:
+        c = self.config
+        scene = self.get_scene()
+        rec = scene.rec
+        n = len(rec)
+
+        # poses: OpenCV -> OpenGL camera axes, world permutation, orientation + centring, scale
+        c2w_gl = cv.opencv_to_opengl_c2w(np.asarray(rec.c2w, dtype=np.float64))
+        poses = torch.from_numpy(WORLD_PERMUTATION @ c2w_gl).float()
+        poses, orient = camera_utils.auto_orient_and_center_poses(
+            poses, method=c.orientation_method, center_method=c.center_method)
+        transform = orient.double().numpy() @ WORLD_PERMUTATION  # (3,4): reconstruction world -> nerfstudio world
+        xyz, rgb, src = rec.pointcloud(conf_thr=c.conf_thr, max_points=c.max_points or None)
+        if len(xyz) < 4:
+            raise SceneError(f"{c.data}: only {len(xyz)} reconstructed points have confidence > {c.conf_thr}; "
+                             "lower --pipeline.datamanager.dataparser.conf-thr or add overlapping photos")
+        xyz_t = np.asarray(xyz, dtype=np.float64) @ transform[:, :3].T + transform[:, 3]
+        scale = 1.0
+        if c.auto_scale_poses:
+            extent = float(torch.max(torch.abs(poses[:, :3, 3])))
+            pts_extent = float(np.percentile(np.abs(xyz_t), 95))
+            if extent < 1e-3 * pts_extent:  # cameras (almost) at one spot, e.g. pure rotation: use the points
+                extent = pts_extent
+            extent = extent if extent > 0 else 1.0
+            scale /= extent
+        scale *= c.scale_factor
+        poses[:, :3, 3] *= scale
+        xyz_t *= scale
+
+        # intrinsics in original-image pixels, nerfstudio's pixel centres (+0.5)
+        K = cv.K_to_colmap(np.asarray(rec.K_orig, dtype=np.float64))
+        sizes = np.asarray(rec.orig_sizes, dtype=np.int64)
+        idx = self._split_indices(scene.image_files, split)
+        sel = torch.from_numpy(idx)
+        cameras = Cameras(
+            camera_to_worlds=poses[sel, :3, :4],
+            fx=torch.from_numpy(K[idx, 0, 0]).float()[:, None],
+            fy=torch.from_numpy(K[idx, 1, 1]).float()[:, None],
+            cx=torch.from_numpy(K[idx, 0, 2]).float()[:, None],
+            cy=torch.from_numpy(K[idx, 1, 2]).float()[:, None],
+            width=torch.from_numpy(sizes[idx, 0])[:, None],
+            height=torch.from_numpy(sizes[idx, 1])[:, None],
+            camera_type=CameraType.PERSPECTIVE,
+        )
+        self.points_src = src
+        self.split_photo_indices = idx
+        s = float(c.scene_scale)
+        return DataparserOutputs(
+            image_filenames=[scene.image_files[i] for i in idx],
+            cameras=cameras,
+            scene_box=SceneBox(aabb=torch.tensor([[-s, -s, -s], [s, s, s]], dtype=torch.float32)),
+            metadata={
+                "points3D_xyz": torch.from_numpy(xyz_t.astype(np.float32)),
+                "points3D_rgb": torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.uint8)),
+            },
+            dataparser_transform=torch.from_numpy(transform).float(),
+            dataparser_scale=scale,
+        )
+
+
+dust3r_dataparser = DataParserSpecification(
+    config=Dust3rDataParserConfig(),
+    description="Unposed photos -> DUSt3R poses, intrinsics and seed points (cached reconstruction).",
+)
