@@ -144,19 +144,13 @@ def _commands() -> dict:
     from dust3r_ns.export.cli import ExportConfig, run as run_export
 
     cmds["export"] = (ExportConfig, run_export)
-    try:
-        from dust3r_ns.train.cli import TrainConfig, run as run_train
-
-        cmds["train"] = (TrainConfig, run_train)
-    except ImportError:
-        pass
     return cmds
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = _commands()
-    usage = "usage: dust3r-ns {" + ",".join(list(cmds) + ["bench"]) + "} [--help]"
+    usage = "usage: dust3r-ns {" + ",".join(list(cmds) + ["train", "bench"]) + "} [--help]"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -164,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if name == "bench":
             _bench(rest)
+        elif name == "train":  # presets (--preset NAME) are applied before the command-line fields
+            from dust3r_ns.train.loop import main as train_main
+
+            train_main(rest)
         elif name in cmds:
             cfg_cls, fn = cmds[name]
             fn(tyro.cli(cfg_cls, args=rest, prog=f"dust3r-ns {name}"))
