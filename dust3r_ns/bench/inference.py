@@ -74,7 +74,7 @@ def encoder_flops(model, tokens: int) -> float:
 
 
 def _measure(mode: str, n: int, cfg: InferenceBenchConfig) -> dict:
-    from dust3r_ns.bench.common import median_time
+    from dust3r_ns.bench.common import matmul_gflops, median_time
     from dust3r_ns.inference import encode_images, inference, inference_per_pair
 
     if cfg.threads:
@@ -91,7 +91,7 @@ def _measure(mode: str, n: int, cfg: InferenceBenchConfig) -> dict:
         amp = "bf16" if mode == "engine_bf16" else None
         fn = lambda: (inference(pairs, model, device=dev, batch_size=cfg.batch_size, amp=amp,  # noqa: E731
                                 verbose=False), sync())[0]
-        views = [p[0] for p in pairs[: n - 1]] + [pairs[0][1]]
+        views = list({v["idx"]: v for p in pairs for v in p}.values())  # each image once
         t_enc, _ = median_time(lambda: (encode_images(model, views, dev, batch_size=cfg.batch_size, amp=amp),
                                         sync()), cfg.repeats, warmup=1)
         h, w = _hw(cfg.size)
@@ -100,6 +100,7 @@ def _measure(mode: str, n: int, cfg: InferenceBenchConfig) -> dict:
         res["encoder_gflops"] = encoder_flops(model, tokens) * n / t_enc / 1e9
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    res["matmul_gflops"] = matmul_gflops()  # measured in this process, next to the timed runs
     t, times = median_time(fn, cfg.repeats, warmup=0 if mode == "per_pair" and dev.type == "cpu" else 1)
     res.update(median_s=t, times=times)
     if dev.type == "cuda":
@@ -134,9 +135,10 @@ def run(cfg: InferenceBenchConfig) -> dict:
             elif mode == "engine_bf16" and fp32_sample is not None:
                 r["rel_err_vs_fp32"] = float((sample - fp32_sample).abs().max() / fp32_sample.abs().max())
             enc = r.get("encoder_gflops")
+            pct = "" if enc is None else f"{100 * enc / r['matmul_gflops']:.0f}%"
             print(f"{n:>3} {r['pairs']:>5} {mode:>12} {r['median_s']:>9.2f} {r['speedup']:>7.2f}x "
                   f"{r['peak_rss_mb']:>11.0f} {'' if enc is None else f'{enc:.0f}':>11} "
-                  f"{'' if enc is None else f'{100 * enc / rate:.0f}%':>8}"
+                  f"{pct:>8}"
                   + (f"  rel.err vs fp32 {r['rel_err_vs_fp32']:.1e}" if "rel_err_vs_fp32" in r else "")
                   + (f"  GPU peak {r['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in r else ""))
             results["runs"].append(r)
