@@ -105,13 +105,14 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
                  shared_focal: bool = False, known_K: Any = None, K_space: str = "orig", known_c2w: Any = None,
                  optimize_pp: bool = False, conf_thr: float = 3.0, dtype: torch.dtype = torch.float32,
                  verbose: bool = True, memory_limit_bytes: int | None = None, tol: float = 1e-4,
-                 stride: int | None = None, lr: float = 0.01, metric_iter: int = 10) -> Reconstruction:
+                 stride: int | None = None, lr: float = 0.01, metric_iter: int = 10,
+                 global_step: bool = True) -> Reconstruction:
     """Align pairwise DUSt3R predictions into one reconstruction.
 
     output: the pair-inference dict (view1/view2 with idx, true_shape [, img, name, orig_size, transform];
         pred1 pts3d/conf, pred2 pts3d_in_other_view/conf).
     mode: 'fast' (ours: closed-form IRLS blocks, coarse-to-fine, early stop at relative change `tol`) or
-        'baseline' (reference schedule: Adam lr 0.01, `niter`=300, cosine). Both start from the same MST init.
+        'baseline' (reference schedule: Adam lr 0.01, `niter`=300, cosine). Both start from the MST init.
     niter: iteration cap (baseline: Adam steps, default 300; fast: outer iterations, default 60).
     shared_focal: one focal for all images. known_K: (N,3,3), one 3x3, or {idx: 3x3}; `K_space`='orig' means
         original-image pixels mapped into the network crop with each view's `transform` (identity when absent),
@@ -124,6 +125,8 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
     device: where alignment runs ('cpu', 'cuda', ...), independent of where the network ran.
     memory_limit_bytes: budget for the estimate check (default: the device's available memory).
     tol/stride/metric_iter: fast-mode early-stop tolerance, sub-sampling stride (None: auto), metric-phase cap.
+    global_step: fast mode starts from rotation/scale/translation averaging over all edges (align.averaging)
+        instead of the spanning-tree chaining alone (the baseline keeps the reference's tree initialisation).
     One image -> monocular result (identity pose); two images -> direct pair solution (no iterations).
     """
     if mode not in ("fast", "baseline"):
@@ -151,7 +154,8 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
     # the known poses; with >= 2 known poses a short metric phase follows (the metric objective drifts towards
     # shrinking the scene, so it is capped by `metric_iter`)
     free = dataclasses.replace(cons, pose_mask=None, known_c2w=None)
-    st = mst_init(data, free if (mode == "fast" and N > 2) else cons, verbose, coarse=coarse)
+    st = mst_init(data, free if (mode == "fast" and N > 2) else cons, verbose, coarse=coarse,
+                  global_step=mode == "fast" and global_step)
     stats: dict[str, Any] = dict(iterations=0)
     if N > 2:
         if mode == "fast":

@@ -279,10 +279,12 @@ def edge_scores(data: PairData) -> torch.Tensor:
     return torch.cat(out)
 
 
-def mst_init(data: PairData, cons: Constraints, verbose: bool = False, coarse: PairData | None = None) -> State:
+def mst_init(data: PairData, cons: Constraints, verbose: bool = False, coarse: PairData | None = None,
+             global_step: bool = False) -> State:
     """Maximum-spanning-tree chaining of pairwise point maps + per-image Procrustes pose, Weiszfeld focal, depth.
 
     coarse: optional sub-sampled copy of `data` used for the pass over all edges (scores, initial similarities).
+    global_step: refine the tree's cameras by rotation/scale/translation averaging over all edges (fast mode).
     """
     coarse = data if coarse is None else coarse
     N, E = data.n_images, data.n_edges
@@ -350,6 +352,12 @@ def mst_init(data: PairData, cons: Constraints, verbose: bool = False, coarse: P
     valid = data.valid()
     f_est = estimate_focal(pc, pp, (wc + 1e-6) * valid, shapes=shapes_t)
     s, R, t = umeyama(pc.reshape(N, -1, 3), Xw.reshape(N, -1, 3), (data.conf(1, idx_first) * valid).reshape(N, -1))
+    if global_step and N > 2 and bool(has_first.all()):
+        # replace the tree-chained cameras by the pose-graph averages over every edge (align.averaging)
+        from .averaging import pose_graph_average
+
+        lam, Rg, Cg = pose_graph_average(coarse, coarse.pts1[idx_first].float(), torch.as_tensor(score), R)
+        s, R, t = (x.to(dev, torch.float32) for x in (lam, Rg, Cg))
     c2w[:, :3, :3], c2w[:, :3, 3] = R, t
     depth = torch.where(valid, s[:, None, None] * pc[..., 2], torch.ones_like(pc[..., 2]))
     focal = f_est

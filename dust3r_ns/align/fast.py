@@ -9,9 +9,9 @@ Each outer iteration (all closed-form or tiny dense solves, vectorised over edge
 The iterations run on point maps sub-sampled by `stride` (auto: >= 3072 pixels per image); then at full resolution
 every pixel's depth is the log-conf weighted median of its edges' depth candidates, refined by IRLS passes kept only
 while they lower the loss. Stops early when the relative loss change falls below `tol`.
-Known limitation: block-coordinate descent propagates corrections one graph hop per iteration, so long chain-like
-graphs (swin on 64 images) converge slowly (a warning is issued at the iteration cap); a global pose-graph step
-(rotation/translation/scale averaging from per-edge camera fits) is the planned fix.
+Block-coordinate descent propagates corrections one graph hop per iteration, so on long chain-like graphs (swin on
+64 images) it relies on its start: `mst_init(global_step=True)` (align.averaging) gives it cameras averaged over
+all edges at once instead of chained along the spanning tree. A warning is issued at the iteration cap.
 """
 
 from __future__ import annotations
