@@ -217,7 +217,8 @@ def test_lr_schedule():
 
 
 def test_presets_and_cli_override():
-    for name in ("dust3r_224_linear", "dust3r_512_linear", "dust3r_512_dpt", "synthetic_tiny"):
+    for name in ("dust3r_224_linear", "dust3r_512_linear", "dust3r_512_dpt", "synthetic_tiny",
+                 "bundled_tiny_stage1_128", "bundled_tiny_stage2_224"):
         assert load_preset(name)["model"].startswith("AsymmetricCroCo3DStereo(")
     cfg = make_config(["--preset", "dust3r_512_linear", "--batch-size", "2"])
     assert cfg.batch_size == 2 and cfg.accum_iter == 2 and len(cfg.resolution) == 10 and "ManyAR" in cfg.model
@@ -253,6 +254,19 @@ def test_train_resume_is_exact(tmp_path):
     assert any(not torch.equal(a[k], ck["model"][k]) for k in a)  # the resumed run did train
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_stop_after_epochs_keeps_the_long_schedule(tmp_path):
+    """The first epoch of a 3-epoch schedule, evaluated and saved, equals the first epoch of the full run."""
+    cut = run(_cfg(tmp_path, "cut", epochs=3, stop_after_epochs=1))
+    ck = torch.load(tmp_path / "cut" / "checkpoint-last.pth", map_location="cpu", weights_only=False)
+    assert cut["steps"] == 3 and ck["epoch"] == 1 and (tmp_path / "cut" / "checkpoint-best.pth").is_file()
+    assert math.isfinite(cut["Regr3D_ScaleShiftInv"])
+    full = run(_cfg(tmp_path, "full3", epochs=3, stop_after_steps=3))
+    a = full["model"].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], ck["model"][k], rtol=1e-5, atol=1e-6)
+    assert full["stopped_at_step"] == 3
 
 
 def test_checkpoint_loads_as_model_and_resume_errors(tmp_path):

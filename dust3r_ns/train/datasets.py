@@ -109,6 +109,7 @@ class SyntheticScenes(PairDataset):
             raise BadSample(str(exc)) from None
         shadows = bool(rng.random() < 0.7)
         out = [(render(scene, c2w[k], K[k], H, W, shadows=shadows), c2w[k], K[k]) for k in range(2)]
+        out = [({key: r[key] for key in ("rgb", "depth", "valid")}, c, k) for r, c, k in out]  # what get_pair reads
         if self.cache:
             self._cache[key] = out
         return out

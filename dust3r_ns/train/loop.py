@@ -86,6 +86,8 @@ class TrainConfig:
     log_every: int = 20
     stop_after_steps: int = 0
     """Testing: exit right after this many optimiser steps of this run (as if killed)."""
+    stop_after_epochs: int = 0
+    """End the run (evaluated and saved as usual) after this epoch while the lr schedule still spans `epochs`."""
 
 
 def load_preset(name: str) -> dict:
@@ -393,7 +395,8 @@ def run(cfg: TrainConfig) -> dict:
                     torch.distributed.barrier()
                 return {"stopped_at_step": step, "skipped": skipped, "model": model}
         bar.close()
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        last = epoch + 1 == cfg.epochs or epoch + 1 == cfg.stop_after_epochs
+        if (epoch + 1) % cfg.eval_every == 0 or last:
             metrics = evaluate(ddp_model, test_loader, dev, amp_ctx, world)
             log(f"epoch {epoch} test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                 + f" ({time.time() - t0:.0f}s, {skipped} bad samples skipped)")
@@ -404,6 +407,8 @@ def run(cfg: TrainConfig) -> dict:
                 best = metrics["Regr3D_ScaleShiftInv"]
                 save("checkpoint-best.pth", epoch + 1, 0)
         save("checkpoint-last.pth", epoch + 1, 0)
+        if last:
+            break
     if writer:
         writer.close()
     if is_main and cfg.export_hf:
