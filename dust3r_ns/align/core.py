@@ -89,7 +89,7 @@ def areas(data: PairData) -> tuple[float, float]:
     return float(a[e[:, 0]].sum()), float(a[e[:, 1]].sum())
 
 
-def _chunks(data: PairData, max_elems: int = 1 << 22):
+def _chunks(data: PairData, max_elems: int = 1 << 20):
     ch = edge_chunk(data, max_elems)
     for a in range(0, data.n_edges, ch):
         yield slice(a, min(a + ch, data.n_edges))
