@@ -124,3 +124,17 @@ def test_cuda_extension_matches_torch(dtype, tol):
     xg.grad = None
     (RoPE2D(100.0)(xg, pos) * g).sum().backward()
     assert torch.allclose(grad, xg.grad, atol=1e-5)
+
+
+def test_kernel_sources_ship_inside_the_package():
+    """rope_ext builds from dust3r_ns/csrc (a link to csrc/ that wheels copy), so non-editable installs compile too."""
+    import tomllib
+    from pathlib import Path
+
+    from dust3r_ns.model import rope_ext
+
+    assert (rope_ext.CSRC / "rope2d.cpp").is_file() and (rope_ext.CSRC / "rope2d_cuda.cu").is_file()
+    assert rope_ext.CSRC.parent == Path(rope_ext.__file__).parents[1]
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dust3r_ns"]
+    assert "csrc/*" in data

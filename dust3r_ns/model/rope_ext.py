@@ -17,7 +17,7 @@ from torch import nn
 
 from .rope import RoPE2D
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).parents[1] / "csrc"   # dust3r_ns/csrc: a link to the repository's csrc/, copied into wheels
 _lock = threading.Lock()
 _state: dict = {}
 
