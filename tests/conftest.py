@@ -39,3 +39,14 @@ def official_dir():
     if not OFFICIAL.is_dir():
         pytest.skip(f"official key lists not found at {OFFICIAL}")
     return OFFICIAL
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny alignment problems: one torch thread avoids OpenMP contention on the shared 2-core CI machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

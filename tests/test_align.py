@@ -17,13 +17,7 @@ from dust3r_ns.align.geometry import umeyama
 from dust3r_ns.align.toy import make_pairs_output
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread avoids OpenMP contention on the shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rot_deg(Ra: np.ndarray, Rb: np.ndarray) -> float:

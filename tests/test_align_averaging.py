@@ -18,12 +18,7 @@ from dust3r_ns.align.toy import make_pairs_output
 from dust3r_ns.metrics import pose_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def swin(n: int, k: int) -> list[tuple[int, int]]:
