@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .core import _chunks
 from .data import PairData
 from .geometry import Moments, rotmat_to_quat, so3_exp
 
@@ -38,8 +39,7 @@ def relative_similarities(data: PairData, own: torch.Tensor) -> tuple[torch.Tens
     fits = []
     for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
         m = Moments(data.n_edges)
-        for a in range(0, data.n_edges, 64):
-            sl = slice(a, min(a + 64, data.n_edges))
+        for sl in _chunks(data):
             n = e[sl, col]
             w = data.weights(side, sl) * valid[n]
             b = w.shape[0]
@@ -84,11 +84,10 @@ def average_rotations(i, j, Rrel, w, R0, gauge: int, iters: int = 30, delta: flo
     return R
 
 
-def _robust_ls(i, j, w, rhs_fn, N: int, gauge: int, iters: int = 10, rel_delta: float = 0.01) -> torch.Tensor:
-    """IRLS (L1-type) solution of x_j - x_i = rhs_e; rhs_fn(x) gives the right-hand sides (may depend on x)."""
-    x = _laplacian_solve(i, j, w, rhs_fn(None), N, gauge)
+def _robust_ls(i, j, w, rhs: torch.Tensor, N: int, gauge: int, iters: int = 10, rel_delta: float = 0.01) -> torch.Tensor:
+    """IRLS (L1-type) solution of x_j - x_i = rhs_e (E,k) over the graph, x[gauge] = 0."""
+    x = _laplacian_solve(i, j, w, rhs, N, gauge)
     for _ in range(iters):
-        rhs = rhs_fn(x)
         res = (x[j] - x[i] - rhs).norm(dim=-1)
         scale = float(rhs.norm(dim=-1).median()) * rel_delta + 1e-12
         x = _laplacian_solve(i, j, w / res.clamp_min(scale), rhs, N, gauge)
@@ -115,8 +114,7 @@ def pose_graph_average(data: PairData, own: torch.Tensor, score: torch.Tensor, R
     w = w / w.mean()
     gauge = 0
     R = average_rotations(i, j, Rrel, w, R0.detach().double().cpu(), gauge)
-    loglam = _robust_ls(i, j, w, lambda x: torch.log(rho)[:, None], N, gauge)[:, 0]
+    loglam = _robust_ls(i, j, w, torch.log(rho)[:, None], N, gauge)[:, 0]
     lam = torch.exp(loglam - loglam.mean())
-    step = lambda x: lam[i, None] * (R[i] @ t[..., None])[..., 0]  # noqa: E731  C_j - C_i in world units
-    C = _robust_ls(i, j, w, step, N, gauge)
+    C = _robust_ls(i, j, w, lam[i, None] * (R[i] @ t[..., None])[..., 0], N, gauge)   # C_j - C_i in world units
     return lam, R, C
