@@ -248,3 +248,68 @@ def test_cuda_matches_cpu():
     b = global_align(out, device="cuda", verbose=False)
     assert rra_max(b.c2w, gt["c2w"]) < 1.0
     assert b.meta["loss"] == pytest.approx(a.meta["loss"], rel=0.02)
+
+
+def test_gauged_scales_meet_the_gauge_and_beat_free_fit_plus_rescale():
+    from dust3r_ns.align.geometry import gauged_scales
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(20, generator=g, dtype=torch.float64) + 0.5
+    b = a * 0.45 * torch.exp(0.3 * torch.randn(20, generator=g, dtype=torch.float64))  # free optimum s = b / a
+    target = math.log(0.5)                      # the free fit shrinks a little below the gauge, as in the solver
+    s = gauged_scales(a, b, target)
+    assert abs(float(s.log().mean()) - target) < 1e-9
+    mu = a * s * s - b * s                                                   # Lagrange condition: one mu for all
+    assert float(mu.std()) < 1e-9 * float(mu.abs().max())
+    free = b / a
+    rescaled = free * math.exp(target - float(free.log().mean()))
+    cost = lambda x: float((a * x * x - 2 * b * x).sum())                   # noqa: E731
+    assert cost(s) < cost(rescaled)
+    # degenerate entries are reported as NaN, the rest still solved
+    a2, b2 = a.clone(), b.clone()
+    b2[3] = -1.0
+    s2 = gauged_scales(a2, b2, target)
+    assert torch.isnan(s2[3]) and torch.isfinite(s2[torch.arange(20) != 3]).all()
+    # a gauge far below the free scales has no interior solution: clamped at half the free scales, still finite
+    s3 = gauged_scales(a, b, math.log(1e-3))
+    assert torch.isfinite(s3).all() and bool((s3 >= 0.5 * b / a - 1e-12).all())
+
+
+def test_fast_solver_stays_at_the_minimum_the_baseline_found():
+    """From a converged baseline solution the fast iterations must not climb to a higher loss (a fixed point off the
+    optimum: too large an IRLS floor or edge scales fitted freely then rescaled both did that)."""
+    synth = pytest.importorskip("dust3r_ns.synth")
+    from dust3r_ns.align.baseline import solve_baseline
+    from dust3r_ns.align.fast import solve_fast
+
+    scene = synth.make_scene(5)
+    c2w, K = synth.camera_path(scene, 5, baseline="moderate", seed=5, H=32, W=40)
+    views = synth.render_views(scene, c2w, K, 32, 40)
+    edges = [(i, j) for i in range(5) for j in range(5) if i != j]
+    data = parse_output(synth.oracle_pairs(views, edges, noise=synth.NoiseConfig(), seed=5))
+    cons = Constraints()
+    st = mst_init(data, cons)
+    solve_baseline(data, st, cons, niter=1000)
+    before = objective(data, st)
+    solve_fast(data, st, cons, coarse=data.coarse(1), max_iter=10, tol=0.0, extrapolate=0.0, warn_cap=False)
+    assert objective(data, st) <= before * (1 + 2e-5)
+
+
+def test_fast_extrapolation_converges_in_fewer_iterations_to_no_higher_loss():
+    synth = pytest.importorskip("dust3r_ns.synth")
+    from dust3r_ns.align.fast import solve_fast
+
+    scene = synth.make_scene(7)
+    c2w, K = synth.camera_path(scene, 5, baseline="moderate", seed=7, H=32, W=40)
+    views = synth.render_views(scene, c2w, K, 32, 40)
+    edges = [(i, j) for i in range(5) for j in range(5) if i != j]
+    data = parse_output(synth.oracle_pairs(views, edges, noise=synth.NoiseConfig(), seed=7))
+    cons = Constraints()
+    runs = []
+    for beta in (0.0, 1.0):
+        st = mst_init(data, cons)
+        stats = solve_fast(data, st, cons, coarse=data.coarse(1), extrapolate=beta, max_iter=300)
+        assert stats["converged"]
+        runs.append((stats["iterations"], objective(data, st)))
+    (it0, loss0), (it1, loss1) = runs
+    assert it1 < 0.9 * it0 and loss1 <= loss0 * (1 + 1e-6)

@@ -104,7 +104,7 @@ def _known_c2w(known_c2w: Any, N: int) -> tuple[np.ndarray, np.ndarray]:
 def global_align(output: dict, mode: str = "fast", device: str | torch.device = "cpu", niter: int | None = None,
                  shared_focal: bool = False, known_K: Any = None, K_space: str = "orig", known_c2w: Any = None,
                  optimize_pp: bool = False, conf_thr: float = 3.0, dtype: torch.dtype = torch.float32,
-                 verbose: bool = True, memory_limit_bytes: int | None = None, tol: float = 1e-4,
+                 verbose: bool = True, memory_limit_bytes: int | None = None, tol: float = 1e-5,
                  stride: int | None = None, lr: float = 0.01, metric_iter: int = 10,
                  global_step: bool = True) -> Reconstruction:
     """Align pairwise DUSt3R predictions into one reconstruction.
@@ -113,7 +113,7 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
         pred1 pts3d/conf, pred2 pts3d_in_other_view/conf).
     mode: 'fast' (ours: closed-form IRLS blocks, coarse-to-fine, early stop at relative change `tol`) or
         'baseline' (reference schedule: Adam lr 0.01, `niter`=300, cosine). Both start from the MST init.
-    niter: iteration cap (baseline: Adam steps, default 300; fast: outer iterations, default 60).
+    niter: iteration cap (baseline: Adam steps, default 300; fast: outer iterations, default 100).
     shared_focal: one focal for all images. known_K: (N,3,3), one 3x3, or {idx: 3x3}; `K_space`='orig' means
         original-image pixels mapped into the network crop with each view's `transform` (identity when absent),
         'net' means network pixels. Known intrinsics fix the focal and the principal point of those images.
@@ -159,7 +159,7 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
     stats: dict[str, Any] = dict(iterations=0)
     if N > 2:
         if mode == "fast":
-            stats = solve_fast(data, st, free, max_iter=60 if niter is None else niter, tol=tol, coarse=coarse,
+            stats = solve_fast(data, st, free, max_iter=100 if niter is None else niter, tol=tol, coarse=coarse,
                                verbose=verbose)
             if cons.pose_mask is not None:
                 apply_known_poses(st, cons)

@@ -8,6 +8,7 @@ with the edge scales normalised to a geometric mean of `BASE_SCALE` unless the m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -421,11 +422,15 @@ def apply_known_poses(st: State, cons: Constraints) -> None:
     st.c2w[m] = K[m]
 
 
-def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Tensor | None = None) -> float:
+def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Tensor | None = None,
+              gauge: bool = False) -> float:
     """Closed-form per-edge similarity (weighted Umeyama) to the current world points. Returns the loss before it.
 
     irls_eps None: weights = log-conf; else IRLS weights log-conf / max(dist, eps) (majorises the L2-norm loss).
     depth: depth maps on the data's grid (default st.depth).
+    gauge: solve the edges jointly under the scale gauge (geometric mean of the edge scales = BASE_SCALE) instead of
+        freely. Free fits followed by a rescale of the whole solution do not minimise the gauged objective (the free
+        fit always prefers smaller scales), so a solver alternating them settles off the optimum.
     """
     depth = st.depth if depth is None else depth
     X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)
@@ -444,7 +449,14 @@ def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Te
                 w = w / dist.clamp_min(irls_eps)
             b = p.shape[0]
             mom.add(p.reshape(b, -1, 3), Xt.reshape(b, -1, 3), w.reshape(b, -1), idx=sl)
-    s, R, t = (x.to(X.device) for x in mom.solve(True))
+    log_mean = None
+    if gauge:
+        good = mom.w > 0
+        n_good = int(good.sum())
+        if n_good:   # edges without weight keep their scale and still count in the gauge
+            rest = float(torch.log(st.s.cpu().double().clamp_min(1e-30))[~good].sum())
+            log_mean = (data.n_edges * math.log(BASE_SCALE) - rest) / n_good
+    s, R, t = (x.to(X.device) for x in mom.solve(True, log_scale_mean=log_mean))
     ok = torch.isfinite(s) & (s > 0)
     st.s = torch.where(ok, s.float(), st.s)
     st.R = torch.where(ok[:, None, None], R.float(), st.R)

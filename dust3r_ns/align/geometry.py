@@ -38,8 +38,13 @@ class Moments:
             else:
                 buf[idx.cpu() if isinstance(idx, torch.Tensor) else idx] += val
 
-    def solve(self, with_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Weighted Umeyama: (s, R, t) minimising sum w ||y - (s R x + t)||^2. s = 1 when with_scale is False."""
+    def solve(self, with_scale: bool = True, log_scale_mean: float | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weighted Umeyama: (s, R, t) minimising sum w ||y - (s R x + t)||^2. s = 1 when with_scale is False.
+
+        log_scale_mean: minimise the sum over the batch subject to mean(log s) = this value instead (the scale gauge
+        of global alignment), see `gauged_scales`.
+        """
         W = self.w.clamp_min(1e-12)
         mx, my = self.sx / W[:, None], self.sy / W[:, None]
         cov = self.syx / W[:, None, None] - my[:, :, None] * mx[:, None, :]
@@ -50,9 +55,50 @@ class Moments:
         D = torch.ones_like(S)
         D[:, 2] = d
         R = U @ (D[:, :, None] * Vh)
-        s = (S * D).sum(-1) / varx if with_scale else torch.ones_like(varx)
+        if not with_scale:
+            s = torch.ones_like(varx)
+        elif log_scale_mean is None:
+            s = (S * D).sum(-1) / varx
+        else:
+            s = gauged_scales(W * varx, W * (S * D).sum(-1), log_scale_mean)
         t = my - s[:, None] * (R @ mx[:, :, None])[..., 0]
         return s, R, t
+
+
+def gauged_scales(a: torch.Tensor, b: torch.Tensor, log_mean: float, iters: int = 64) -> torch.Tensor:
+    """argmin_s sum_e (a_e s_e^2 - 2 b_e s_e) subject to mean_e log s_e = log_mean (a > 0).
+
+    The Lagrange condition a s^2 - b s = mu gives s_e(mu) = (b + sqrt(b^2 + 4 a mu)) / (2 a), increasing in mu;
+    mu is found by bisection (float64). Entries with a non-finite or non-positive a/b get NaN.
+    """
+    a, b = a.double(), b.double()
+    ok = torch.isfinite(a) & torch.isfinite(b) & (a > 0) & (b > 0)
+    out = torch.full_like(a, float("nan"))
+    if not ok.any():
+        return out
+    a, b = a[ok], b[ok]
+
+    def s_of(mu: float) -> torch.Tensor:
+        return (b + (b * b + 4 * a * mu).clamp_min(0).sqrt()) / (2 * a)
+
+    def f(mu: float) -> float:
+        return float(s_of(mu).log().mean()) - log_mean
+
+    lo = -float((b * b / (4 * a)).min())        # smallest mu with real roots for every edge (s = b / 2a there)
+    if f(lo) >= 0:                              # the gauge asks for less than half the free scales: clamp there
+        out[ok] = s_of(lo)
+        return out
+    hi = max(float((b * b / a).median()), 1e-300)   # mu of the order of the free a s^2
+    while f(hi) < 0 and hi < 1e300:
+        hi *= 4
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if f(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    out[ok] = s_of(0.5 * (lo + hi))
+    return out
 
 
 def umeyama(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None, with_scale: bool = True):
