@@ -218,7 +218,7 @@ def test_lr_schedule():
 
 def test_presets_and_cli_override():
     for name in ("dust3r_224_linear", "dust3r_512_linear", "dust3r_512_dpt", "synthetic_tiny",
-                 "bundled_tiny_stage1_128", "bundled_tiny_stage2_224"):
+                 "bundled_tiny_stage1_128", "bundled_tiny_stage1b_128", "bundled_tiny_stage2_224"):
         assert load_preset(name)["model"].startswith("AsymmetricCroCo3DStereo(")
     cfg = make_config(["--preset", "dust3r_512_linear", "--batch-size", "2"])
     assert cfg.batch_size == 2 and cfg.accum_iter == 2 and len(cfg.resolution) == 10 and "ManyAR" in cfg.model
