@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -313,3 +314,27 @@ def test_fast_extrapolation_converges_in_fewer_iterations_to_no_higher_loss():
         runs.append((stats["iterations"], objective(data, st)))
     (it0, loss0), (it1, loss1) = runs
     assert it1 < 0.9 * it0 and loss1 <= loss0 * (1 + 1e-6)
+
+
+def test_degenerate_predictions_give_a_finite_result():
+    """An untrained network predicts near-constant point maps, which have no finite focal optimum: the camera fit
+    keeps the focal bounded (it reached 1e31, and inf at 224 px, before)."""
+    synth = pytest.importorskip("dust3r_ns.synth")
+    from dust3r_ns.inference import inference
+    from dust3r_ns.model.checkpoint import build_model, load_model
+    from dust3r_ns.pairs import make_pairs
+    from dust3r_ns.train.pose_eval import views_from_renders
+    from dust3r_ns.cli import default_model_source
+
+    torch.manual_seed(0)
+    model = build_model(load_model(default_model_source()).config).eval()
+    scene = synth.make_scene(100001)
+    c2w, K = synth.camera_path(scene, 6, "moderate", seed=1, H=64, W=64)
+    views = views_from_renders([synth.render(scene, c2w[i], K[i], 64, 64)["rgb"] for i in range(6)])
+    out = inference(make_pairs(views, "complete"), model, device="cpu", verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rec = global_align(out, verbose=False)
+    assert np.isfinite(rec.c2w).all() and np.isfinite(rec.K).all()
+    assert all(np.isfinite(d).all() for d in rec.depths)
+    assert rec.K[:, 0, 0].max() <= 100 * 64 / (2 * math.tan(math.radians(30)))   # 100x the 60-degree focal

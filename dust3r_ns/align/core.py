@@ -128,6 +128,9 @@ def normalize_edge_scales(st: State, cons: Constraints) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- camera fit
+FOCAL_RANGE = (0.02, 50.0)   # focal bounds of the camera fit, in units of the 60-degree focal of the map size
+
+
 def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor,
                 cons: Constraints, stride: int = 1, iters: int = 3, lam: float = 1e-4, pose_free: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,6 +203,7 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
     f, p = focal.clone(), pp.clone()
     idxc, freec = idx.cpu(), free.cpu()
 
+    f_lo, f_hi = (k * max(h, w) * stride / (2 * math.tan(math.radians(30))) for k in FOCAL_RANGE)
     cur = cost(R, C, f, p)
     for _ in range(iters):
         e, J = jacobian(R, C, f, p)                          # (N,M,3), (N,M,3,9)
@@ -225,6 +229,7 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
             d = (step[idxc] * freec).to(dev, dt)             # (N,9)
             Rn = so3_exp(d[:, :3]) @ R
             Cn, fn, pn = C + d[:, 3:6], f * torch.exp(d[:, 6]), p + d[:, 7:9]
+            fn = torch.where(free[:, 6], fn.clamp(f_lo, f_hi), fn)   # degenerate maps (flat, constant) push f to inf
             new = cost(Rn, Cn, fn, pn)
             if new <= cur:
                 R, C, f, p, cur = Rn, Cn, fn, pn, new

@@ -242,7 +242,7 @@ def _extrapolate(st: State, before: tuple, depth: torch.Tensor, beta: float, con
     if cons.pose_mask is not None:      # known poses stay put
         c2w = torch.where(cons.pose_mask[:, None, None], st.c2w, c2w)
     st.c2w = c2w
-    st.focal = st.focal * (st.focal / f0) ** beta   # fixed focals do not move, so their ratio is 1
+    st.focal = st.focal * (st.focal / f0).clamp(0.5, 2.0) ** beta   # fixed focals do not move: their ratio is 1
     return depth * (depth / d0.clamp_min(1e-30)) ** beta
 
 
