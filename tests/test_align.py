@@ -276,6 +276,15 @@ def test_gauged_scales_meet_the_gauge_and_beat_free_fit_plus_rescale():
     assert torch.isfinite(s3).all() and bool((s3 >= 0.5 * b / a - 1e-12).all())
 
 
+def _noisy_synth_data(synth, seed: int, n: int = 5) -> "PairData":
+    """Parsed noisy oracle pairs (complete graph) of a small ray-cast scene on a moderate arc."""
+    scene = synth.make_scene(seed)
+    c2w, K = synth.camera_path(scene, n, baseline="moderate", seed=seed, H=32, W=40)
+    views = synth.render_views(scene, c2w, K, 32, 40)
+    edges = [(i, j) for i in range(n) for j in range(n) if i != j]
+    return parse_output(synth.oracle_pairs(views, edges, noise=synth.NoiseConfig(), seed=seed))
+
+
 def test_fast_solver_stays_at_the_minimum_the_baseline_found():
     """From a converged baseline solution the fast iterations must not climb to a higher loss (a fixed point off the
     optimum: too large an IRLS floor or edge scales fitted freely then rescaled both did that)."""
@@ -283,11 +292,7 @@ def test_fast_solver_stays_at_the_minimum_the_baseline_found():
     from dust3r_ns.align.baseline import solve_baseline
     from dust3r_ns.align.fast import solve_fast
 
-    scene = synth.make_scene(5)
-    c2w, K = synth.camera_path(scene, 5, baseline="moderate", seed=5, H=32, W=40)
-    views = synth.render_views(scene, c2w, K, 32, 40)
-    edges = [(i, j) for i in range(5) for j in range(5) if i != j]
-    data = parse_output(synth.oracle_pairs(views, edges, noise=synth.NoiseConfig(), seed=5))
+    data = _noisy_synth_data(synth, 5)
     cons = Constraints()
     st = mst_init(data, cons)
     solve_baseline(data, st, cons, niter=1000)
@@ -300,11 +305,7 @@ def test_fast_extrapolation_converges_in_fewer_iterations_to_no_higher_loss():
     synth = pytest.importorskip("dust3r_ns.synth")
     from dust3r_ns.align.fast import solve_fast
 
-    scene = synth.make_scene(7)
-    c2w, K = synth.camera_path(scene, 5, baseline="moderate", seed=7, H=32, W=40)
-    views = synth.render_views(scene, c2w, K, 32, 40)
-    edges = [(i, j) for i in range(5) for j in range(5) if i != j]
-    data = parse_output(synth.oracle_pairs(views, edges, noise=synth.NoiseConfig(), seed=7))
+    data = _noisy_synth_data(synth, 7)
     cons = Constraints()
     runs = []
     for beta in (0.0, 1.0):
