@@ -106,7 +106,7 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 100
     losses: list[float] = []
     converged = False
     dc = sub_depth(st.depth, s)
-    eps = _irls_eps(dc)   # IRLS distance floor: 1e-3 x median depth, following the scale normalisation below
+    eps = _irls_eps(dc)   # IRLS distance floor: EPS_REL x median depth, following the scale normalisation below
     best_loss, best = math.inf, None
     diverged = False
     plain, fails = None, 0
@@ -188,8 +188,9 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 100
         import warnings
 
         warnings.warn(f"fast alignment stopped at its {max_iter}-iteration cap (relative loss change "
-                      f"{rel_last(losses):.1e} > 10 x tol {tol:.0e}); sparse, chain-like scene graphs (swin on long sequences) converge slowly in this "
-                      "mode: raise niter or use mode='baseline'", RuntimeWarning, stacklevel=3)
+                      f"{rel_last(losses):.1e} > 10 x tol {tol:.0e}); sparse, chain-like scene graphs (swin on long "
+                      "sequences) converge slowly in this mode: raise niter or use mode='baseline'", RuntimeWarning,
+                      stacklevel=3)
     return dict(iterations=n_it, converged=converged, diverged=diverged, stride=s, coarse_losses=losses, fine_losses=final, t_coarse=t_coarse, t_total=time.perf_counter() - t0)
 
 
