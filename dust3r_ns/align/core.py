@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .data import AlignError, PairData
-from .geometry import Moments, estimate_focal, pixel_grid, so3_exp, umeyama
+from .geometry import Moments, default_focal, estimate_focal, pixel_grid, so3_exp, umeyama
 
 BASE_SCALE = 0.5
 
@@ -203,7 +203,7 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
     f, p = focal.clone(), pp.clone()
     idxc, freec = idx.cpu(), free.cpu()
 
-    f_lo, f_hi = (k * max(h, w) * stride / (2 * math.tan(math.radians(30))) for k in FOCAL_RANGE)
+    f_lo, f_hi = (k * default_focal(h * stride, w * stride) for k in FOCAL_RANGE)
     cur = cost(R, C, f, p)
     for _ in range(iters):
         e, J = jacobian(R, C, f, p)                          # (N,M,3), (N,M,3,9)
