@@ -84,9 +84,14 @@ def apply_sim(s: torch.Tensor, R: torch.Tensor, t: torch.Tensor, p: torch.Tensor
 
 
 def areas(data: PairData) -> tuple[float, float]:
-    """Normalisers of the two loss terms: summed pixel counts (on the data's grid) of first / second images."""
-    a = data.valid().flatten(1).sum(1).double().cpu()
-    e = data.edges.cpu()
+    """Normalisers of the two loss terms: summed pixel counts (on the data's grid) of first / second images.
+
+    From the true shapes alone (no device work), so the per-iteration loss costs no extra host sync."""
+    h = -(-data.shapes[:, 0] // data.stride)          # pixels r with stride * r < H_true
+    w = -(-data.shapes[:, 1] // data.stride)
+    H, W = data.HW
+    a = np.minimum(h, H) * np.minimum(w, W)
+    e = data.edges_np
     return float(a[e[:, 0]].sum()), float(a[e[:, 1]].sum())
 
 
@@ -174,7 +179,7 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
         q = (Z - 2 * lam_ * r) / rr
         dr_f = -torch.stack([r[..., 0], r[..., 1], torch.zeros_like(r[..., 0])], -1)           # dr/dlogf
         J[..., 6] = -lam_ * dr_f - r * (dr_f * q).sum(-1, keepdim=True)
-        for k in (0, 1):
+        for k in ((0, 1) if cons.optimize_pp else ()):   # (fixed principal points: columns stay zero)
             dr = torch.zeros_like(r)
             dr[..., k] = -1.0 / f_[:, None]
             J[..., 7 + k] = -lam_ * dr - r * (dr * q).sum(-1, keepdim=True)
@@ -204,29 +209,34 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
     idxc, freec = idx.cpu(), free.cpu()
 
     f_lo, f_hi = (k * default_focal(h * stride, w * stride) for k in FOCAL_RANGE)
-    cur = cost(R, C, f, p)
+    cur = None
     for _ in range(iters):
         e, J = jacobian(R, C, f, p)                          # (N,M,3), (N,M,3,9)
+        if cur is None:
+            cur = float((Af * (e * e).sum(-1)).sum())
         JA = J * Af[..., None, None]
         # normal equations assembled and solved on the CPU in float64 (at most 9N unknowns)
         Hl = torch.einsum("nmik,nmil->nkl", JA, J).to("cpu", torch.float64)   # (N,9,9)
         gl = torch.einsum("nmik,nmi->nk", JA, e).to("cpu", torch.float64)
         Hl = Hl * (freec[:, :, None] & freec[:, None, :])
         gl = gl * freec
-        G = N * 9
-        Hg = torch.zeros(G, G, dtype=torch.float64)
-        gg = torch.zeros(G, dtype=torch.float64)
-        ii = idxc[:, :, None].expand(N, 9, 9).reshape(-1)
-        jj = idxc[:, None, :].expand(N, 9, 9).reshape(-1)
-        Hg.index_put_((ii, jj), Hl.reshape(-1), accumulate=True)
-        gg.index_add_(0, idxc.reshape(-1), gl.reshape(-1))
-        diag = Hg.diagonal()
+        if cons.shared_focal:      # the shared focal couples the images: one dense (9N)^2 system
+            G = N * 9
+            Hg = torch.zeros(G, G, dtype=torch.float64)
+            gg = torch.zeros(G, dtype=torch.float64)
+            ii = idxc[:, :, None].expand(N, 9, 9).reshape(-1)
+            jj = idxc[:, None, :].expand(N, 9, 9).reshape(-1)
+            Hg.index_put_((ii, jj), Hl.reshape(-1), accumulate=True)
+            gg.index_add_(0, idxc.reshape(-1), gl.reshape(-1))
+        else:                      # independent cameras: N 9x9 systems in one batched solve
+            Hg, gg = Hl, gl
+        diag = Hg.diagonal(dim1=-2, dim2=-1)
         unused = diag <= 0
         accepted = False
         for _t in range(6):
-            Hd = Hg + torch.diag(lam * diag + unused.double() + 1e-12)
-            step = -torch.linalg.solve(Hd, gg)
-            d = (step[idxc] * freec).to(dev, dt)             # (N,9)
+            Hd = Hg + torch.diag_embed(lam * diag + unused.double() + 1e-12)
+            step = -torch.from_numpy(np.linalg.solve(Hd.numpy(), gg.numpy()[..., None])[..., 0])   # (see Moments.solve)
+            d = ((step[idxc] if cons.shared_focal else step) * freec).to(dev, dt)             # (N,9)
             Rn = so3_exp(d[:, :3]) @ R
             Cn, fn, pn = C + d[:, 3:6], f * torch.exp(d[:, 6]), p + d[:, 7:9]
             fn = torch.where(free[:, 6], fn.clamp(f_lo, f_hi), fn)   # degenerate maps (flat, constant) push f to inf

@@ -7,6 +7,7 @@ shapes are padded (top-left anchored) to a common (H,W) with zero weight, so the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -35,6 +36,11 @@ class PairData:
     @property
     def n_images(self) -> int:
         return len(self.shapes)
+
+    @functools.cached_property
+    def edges_np(self) -> np.ndarray:
+        """(E,2) int64 edge list on the host (cached: the edges never change)."""
+        return self.edges.cpu().numpy()
 
     @property
     def n_edges(self) -> int:

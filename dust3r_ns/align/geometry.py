@@ -4,53 +4,85 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
 def pixel_grid(H: int, W: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, v) pixel coordinates of shape (H',W') of every `stride`-th pixel (u = column, v = row)."""
-    v = torch.arange(0, H, stride, device=device, dtype=dtype)
-    u = torch.arange(0, W, stride, device=device, dtype=dtype)
-    return u[None, :].expand(len(v), len(u)), v[:, None].expand(len(v), len(u))
+    """(u, v) pixel coordinates of shape (H',W') of every `stride`-th pixel (u = column, v = row).
+
+    Cached per (shape, stride, device, dtype): the solvers ask for the same grids every iteration. Read-only views.
+    """
+    key = (H, W, stride, str(torch.device(device)), dtype)
+    uv = _GRIDS.get(key)
+    if uv is None:
+        v = torch.arange(0, H, stride, device=device, dtype=dtype)
+        u = torch.arange(0, W, stride, device=device, dtype=dtype)
+        uv = u[None, :].expand(len(v), len(u)), v[:, None].expand(len(v), len(u))
+        if len(_GRIDS) >= 32:
+            _GRIDS.clear()
+        _GRIDS[key] = uv
+    return uv
+
+
+_GRIDS: dict = {}
 
 
 class Moments:
-    """Accumulated weighted moments between source points x and target points y (batched over B)."""
+    """Accumulated weighted moments between source points x and target points y (batched over B).
 
-    def __init__(self, B: int, device: torch.device | None = None, dtype: torch.dtype = torch.float64) -> None:
-        # the accumulators and the 3x3 solves live on the CPU in float64 (tiny; batched small SVDs are slow on GPUs)
-        z = lambda *s: torch.zeros(B, *s, dtype=dtype)  # noqa: E731
-        self.w, self.sx, self.sy, self.sxx, self.syx = z(), z(3), z(3), z(), z(3, 3)
+    The sums accumulate where the points live (one (B,5,4) float64 buffer, no host sync per `add`); `solve` moves
+    them to the CPU once and does the 3x3 solves there in float64 (tiny; batched small SVDs are slow on GPUs).
+    """
+
+    def __init__(self, B: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> None:
+        self.B, self.dtype = B, dtype
+        self.G: torch.Tensor | None = None if device is None else torch.zeros(B, 5, 4, dtype=dtype, device=device)
+        self._cpu: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, idx: slice | torch.Tensor | None = None) -> None:
         """x, y (b,M,3), w (b,M); rows go to batch entries `idx` (default all). One batched GEMM per call."""
         x, y, w = x.float(), y.float(), w.float()
+        if self.G is None:
+            self.G = torch.zeros(self.B, 5, 4, dtype=self.dtype, device=x.device)
         one = torch.ones_like(w)[..., None]
-        xa = torch.cat([x, one], -1) * w[..., None]               # (b,M,4) weighted [x, 1]
+        xa = torch.cat([x, one], -1) * w[..., None]                  # (b,M,4) weighted [x, 1]
         ya = torch.cat([y, (x * x).sum(-1, keepdim=True), one], -1)  # (b,M,5) [y, |x|^2, 1]
-        G = (ya.transpose(1, 2) @ xa).to("cpu", self.w.dtype)      # (b,5,4)
-        vals = dict(w=G[:, 4, 3], sx=G[:, 4, :3], sy=G[:, :3, 3], sxx=G[:, 3, 3], syx=G[:, :3, :3])
-        for name, val in vals.items():
-            buf = getattr(self, name)
-            if idx is None:
-                buf += val
-            else:
-                buf[idx.cpu() if isinstance(idx, torch.Tensor) else idx] += val
+        G = (ya.transpose(1, 2) @ xa).to(self.dtype)                  # (b,5,4)
+        self._cpu = None
+        if idx is None:
+            self.G += G
+        else:
+            self.G[idx.to(self.G.device) if isinstance(idx, torch.Tensor) else idx] += G
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The moments on the CPU: w (B,), sx (B,3), sy (B,3), sxx (B,), syx (B,3,3) (sum of w y x^T)."""
+        if self._cpu is None:
+            self._cpu = torch.zeros(self.B, 5, 4, dtype=self.dtype) if self.G is None else self.G.cpu()
+        G = self._cpu
+        return dict(w=G[:, 4, 3], sx=G[:, 4, :3], sy=G[:, :3, 3], sxx=G[:, 3, 3], syx=G[:, :3, :3])
+
+    @property
+    def w(self) -> torch.Tensor:
+        return self.sums()["w"]
 
     def solve(self, with_scale: bool = True, log_scale_mean: float | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weighted Umeyama: (s, R, t) minimising sum w ||y - (s R x + t)||^2. s = 1 when with_scale is False.
 
         log_scale_mean: minimise the sum over the batch subject to mean(log s) = this value instead (the scale gauge
-        of global alignment), see `gauged_scales`.
+        of global alignment), see `gauged_scales`. Results are float64 CPU tensors.
         """
-        W = self.w.clamp_min(1e-12)
-        mx, my = self.sx / W[:, None], self.sy / W[:, None]
-        cov = self.syx / W[:, None, None] - my[:, :, None] * mx[:, None, :]
-        varx = (self.sxx / W - (mx * mx).sum(-1)).clamp_min(1e-30)
-        U, S, Vh = torch.linalg.svd(cov)
-        d = torch.sign(torch.det(U) * torch.det(Vh))
+        m = self.sums()
+        W = m["w"].clamp_min(1e-12)
+        mx, my = m["sx"] / W[:, None], m["sy"] / W[:, None]
+        cov = m["syx"] / W[:, None, None] - my[:, :, None] * mx[:, None, :]
+        varx = (m["sxx"] / W - (mx * mx).sum(-1)).clamp_min(1e-30)
+        # numpy's LAPACK loop: torch's batched CPU linalg on 3x3 matrices pays a thread-pool round trip per call
+        # (milliseconds on many-core hosts, where every iteration of the fast solver calls this)
+        U, S, Vh = (torch.from_numpy(x) for x in np.linalg.svd(cov.numpy()))
+        d = torch.sign(det3(U) * det3(Vh))
         d = torch.where(d == 0, torch.ones_like(d), d)
         D = torch.ones_like(S)
         D[:, 2] = d
@@ -65,40 +97,59 @@ class Moments:
         return s, R, t
 
 
-def gauged_scales(a: torch.Tensor, b: torch.Tensor, log_mean: float, iters: int = 64) -> torch.Tensor:
+def det3(M: torch.Tensor) -> torch.Tensor:
+    """Determinants of (...,3,3) matrices by the rule of Sarrus (elementwise: no LAPACK call)."""
+    a, b, c = M[..., 0, 0], M[..., 0, 1], M[..., 0, 2]
+    d, e, f = M[..., 1, 0], M[..., 1, 1], M[..., 1, 2]
+    g, h, i = M[..., 2, 0], M[..., 2, 1], M[..., 2, 2]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def gauged_scales(a: torch.Tensor, b: torch.Tensor, log_mean: float, iters: int = 100) -> torch.Tensor:
     """argmin_s sum_e (a_e s_e^2 - 2 b_e s_e) subject to mean_e log s_e = log_mean (a > 0).
 
     The Lagrange condition a s^2 - b s = mu gives s_e(mu) = (b + sqrt(b^2 + 4 a mu)) / (2 a), increasing in mu;
-    mu is found by bisection (float64). Entries with a non-finite or non-positive a/b get NaN.
+    mu is the root of g(mu) = mean log s(mu) - log_mean, found by Newton steps kept inside a shrinking bracket
+    (bisection where a step leaves it), in float64 numpy (a few dozen scalar-sized steps; no torch dispatch).
+    Entries with a non-finite or non-positive a/b get NaN.
     """
-    a, b = a.double(), b.double()
-    ok = torch.isfinite(a) & torch.isfinite(b) & (a > 0) & (b > 0)
-    out = torch.full_like(a, float("nan"))
-    if not ok.any():
-        return out
-    a, b = a[ok], b[ok]
+    a_t = torch.as_tensor(a)
+    an = a_t.detach().double().cpu().numpy()
+    bn = torch.as_tensor(b).detach().double().cpu().numpy()
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(an) & np.isfinite(bn) & (an > 0) & (bn > 0)
+    out = np.full(an.shape, np.nan)
+    if ok.any():
+        out[ok] = _gauged_root(an[ok], bn[ok], float(log_mean), iters)
+    return torch.from_numpy(out).to(a_t.device)
 
-    def s_of(mu: float) -> torch.Tensor:
-        return (b + (b * b + 4 * a * mu).clamp_min(0).sqrt()) / (2 * a)
 
-    def f(mu: float) -> float:
-        return float(s_of(mu).log().mean()) - log_mean
+def _gauged_root(a: np.ndarray, b: np.ndarray, log_mean: float, iters: int) -> np.ndarray:
+    def s_of(mu: float) -> tuple[np.ndarray, np.ndarray]:
+        sq = np.sqrt(np.maximum(b * b + 4 * a * mu, 0.0))
+        return (b + sq) / (2 * a), sq
 
     lo = -float((b * b / (4 * a)).min())        # smallest mu with real roots for every edge (s = b / 2a there)
-    if f(lo) >= 0:                              # the gauge asks for less than half the free scales: clamp there
-        out[ok] = s_of(lo)
-        return out
-    hi = max(float((b * b / a).median()), 1e-300)   # mu of the order of the free a s^2
-    while f(hi) < 0 and hi < 1e300:
-        hi *= 4
+    s, _ = s_of(lo)
+    if np.log(s).mean() >= log_mean:            # the gauge asks for less than half the free scales: clamp there
+        return s
+    hi = max(float(np.median(b * b / a)), 1e-300)   # mu of the order of the free a s^2
+    while np.log(s_of(hi)[0]).mean() < log_mean and hi < 1e300:
+        lo, hi = hi, hi * 4
+    mu = 0.5 * (lo + hi)
     for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if f(mid) < 0:
-            lo = mid
+        s, sq = s_of(mu)
+        g = np.log(s).mean() - log_mean
+        if g < 0:
+            lo = mu
         else:
-            hi = mid
-    out[ok] = s_of(0.5 * (lo + hi))
-    return out
+            hi = mu
+        if abs(g) <= 1e-14 or hi - lo <= 1e-15 * max(abs(lo), abs(hi)):
+            break
+        dg = (1.0 / (s * np.maximum(sq, 1e-300))).mean()       # d mean(log s) / d mu
+        nxt = mu - g / dg if dg > 0 and np.isfinite(dg) else np.nan
+        mu = nxt if lo < nxt < hi else 0.5 * (lo + hi)
+    return s_of(mu)[0]
 
 
 def umeyama(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None, with_scale: bool = True):
