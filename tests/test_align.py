@@ -339,3 +339,38 @@ def test_degenerate_predictions_give_a_finite_result():
     assert np.isfinite(rec.c2w).all() and np.isfinite(rec.K).all()
     assert all(np.isfinite(d).all() for d in rec.depths)
     assert rec.K[:, 0, 0].max() <= 100 * 64 / (2 * math.tan(math.radians(30)))   # 100x the 60-degree focal
+
+
+def test_median_depth_matches_per_pixel_weighted_median():
+    """The vectorised full-resolution depth start: per pixel, the first sorted candidate depth at which the log-conf
+    weight reaches half the total, same result in one chunk and in many (images of a swin-like, uneven graph)."""
+    from dust3r_ns.align.fast import median_depth
+
+    out, _ = make_pairs_output(n=5, shapes=[(12, 16)] * 5, noise=0.02, seed=3,
+                               edges=[(0, 1), (1, 0), (1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (0, 4), (4, 0)])
+    data = parse_output(out)
+    st = mst_init(data, Constraints())
+    got = median_depth(data, st, floor=1e-6)
+    chunked = median_depth(data, st, floor=1e-6, max_elems=1)   # one image per chunk
+    torch.testing.assert_close(chunked, got, rtol=0, atol=0)
+    H, W = data.HW
+    v, u = np.mgrid[0:H, 0:W].astype(np.float64)
+    e = data.edges.numpy()
+    for n in range(5):
+        c2w, f, pp = st.c2w[n].double().numpy(), float(st.focal[n]), st.pp[n].double().numpy()
+        ray = np.stack([(u - pp[0]) / f, (v - pp[1]) / f, np.ones_like(u)], -1)
+        cands, wts = [], []
+        for k in range(len(e)):
+            for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
+                if e[k, col] != n:
+                    continue
+                Yp = (float(st.s[k]) * pts[k].double().numpy() @ st.R[k].double().numpy().T + st.t[k].double().numpy())
+                Z = (Yp - c2w[:3, 3]) @ c2w[:3, :3]
+                cands.append((ray * Z).sum(-1) / (ray * ray).sum(-1))
+                wts.append(data.weights(side, k).double().numpy())
+        d, w = np.stack(cands), np.stack(wts)
+        order = np.argsort(d, 0, kind="stable")
+        d, cw = np.take_along_axis(d, order, 0), np.cumsum(np.take_along_axis(w, order, 0), 0)
+        idx = np.minimum((cw < 0.5 * cw[-1:]).sum(0), len(d) - 1)
+        ref = np.take_along_axis(d, idx[None], 0)[0]
+        np.testing.assert_allclose(got[n].double().numpy(), np.maximum(ref, 1e-6), rtol=1e-4, atol=1e-5)

@@ -199,34 +199,55 @@ def rel_last(losses: list[float]) -> float:
 
 
 @torch.no_grad()
-def median_depth(data: PairData, st: State, floor: float) -> torch.Tensor:
+def median_depth(data: PairData, st: State, floor: float, max_elems: int = 1 << 24) -> torch.Tensor:
     """Per pixel, the log-conf weighted median of the depths (along the pixel's ray) of the edges' transformed
-    predictions of that image: a robust one-shot estimate of the depth minimising the L2-norm loss."""
+    predictions of that image: a robust one-shot estimate of the depth minimising the L2-norm loss.
+
+    Vectorised over images: each image's candidates (one per edge side that shows it) are padded to the largest
+    count K (depth +inf, weight 0) and sorted together; images are taken in chunks of at most `max_elems` K*H*W.
+    """
     N = data.n_images
     H, W = data.HW
-    e = data.edges
-    u, v = pixel_grid(H * data.stride, W * data.stride, st.depth.device, torch.float32, data.stride)
-    out = torch.empty(N, H, W, device=st.depth.device)
-    for n in range(N):
-        cands, wts = [], []
-        for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
-            ks = torch.nonzero(e[:, col] == n)[:, 0]
-            if len(ks):
-                Yp = apply_sim(st.s[ks], st.R[ks], st.t[ks], pts[ks])              # (k,H,W,3) world
-                Z = (Yp - st.c2w[n, :3, 3]) @ st.c2w[n, :3, :3]                     # camera frame
-                rx = (u - st.pp[n, 0]) / st.focal[n]
-                ry = (v - st.pp[n, 1]) / st.focal[n]
-                cands.append((rx * Z[..., 0] + ry * Z[..., 1] + Z[..., 2]) / (rx * rx + ry * ry + 1))
-                wts.append(data.weights(side, ks))
-        d = torch.cat(cands).flatten(1)
-        w = torch.cat(wts).flatten(1)
-        d, order = d.sort(0)
-        w = w.gather(0, order)
-        cw = w.cumsum(0)
-        k = (cw < 0.5 * cw[-1:]).sum(0, keepdim=True).clamp_max(d.shape[0] - 1)
-        med = d.gather(0, k)[0]
-        med = torch.where(cw[-1] > 0, med, st.depth[n].flatten() if st.depth.shape[1:] == (H, W) else med)
-        out[n] = med.reshape(H, W).clamp_min(floor)
+    dev = st.depth.device
+    slots: list[list[tuple[int, int]]] = [[] for _ in range(N)]     # per image: (edge, side) of its candidates
+    for k, (i, j) in enumerate(data.edges_np.tolist()):
+        slots[i].append((k, 1))
+        slots[j].append((k, 2))
+    K = max(len(x) for x in slots)
+    u, v = pixel_grid(H * data.stride, W * data.stride, dev, torch.float32, data.stride)
+    u, v = u[:H, :W], v[:H, :W]
+    same_grid = st.depth.shape[1:] == (H, W)
+    out = torch.empty(N, H, W, device=dev)
+    step = max(1, max_elems // max(K * H * W, 1))
+    for a in range(0, N, step):
+        imgs = range(a, min(N, a + step))
+        d = torch.full((len(imgs), K, H * W), math.inf, device=dev)
+        w = torch.zeros(len(imgs), K, H * W, device=dev)
+        for side, pts in ((1, data.pts1), (2, data.pts2)):
+            rows, cols, ks = [], [], []
+            for r, n in enumerate(imgs):
+                for c, (k, sd) in enumerate(slots[n]):
+                    if sd == side:
+                        rows.append(r), cols.append(c), ks.append(k)
+            if not ks:
+                continue
+            n_t = torch.tensor([imgs[r] for r in rows], device=dev)
+            k_t = torch.tensor(ks, device=dev)
+            Yp = apply_sim(st.s[k_t], st.R[k_t], st.t[k_t], pts[k_t])                          # (m,H,W,3) world
+            Z = torch.einsum("mhwi,mij->mhwj", Yp - st.c2w[n_t, None, None, :3, 3], st.c2w[n_t, :3, :3])
+            rx = (u - st.pp[n_t, 0, None, None]) / st.focal[n_t, None, None]
+            ry = (v - st.pp[n_t, 1, None, None]) / st.focal[n_t, None, None]
+            cand = (rx * Z[..., 0] + ry * Z[..., 1] + Z[..., 2]) / (rx * rx + ry * ry + 1)
+            ri, ci = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
+            d[ri, ci] = cand.flatten(1)
+            w[ri, ci] = data.weights(side, k_t).flatten(1)
+        d, order = d.sort(1)
+        cw = w.gather(1, order).cumsum(1)
+        idx = (cw < 0.5 * cw[:, -1:]).sum(1, keepdim=True).clamp_max(K - 1)
+        med = d.gather(1, idx)[:, 0]                                                            # (b,H*W)
+        if same_grid:      # pixels no candidate weighs (padding): keep the current depth
+            med = torch.where(cw[:, -1] > 0, med, st.depth[a:a + len(imgs)].flatten(1))
+        out[a:a + len(imgs)] = med.reshape(-1, H, W).clamp_min(floor)
     return out
 
 
