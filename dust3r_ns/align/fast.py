@@ -199,12 +199,13 @@ def rel_last(losses: list[float]) -> float:
 
 
 @torch.no_grad()
-def median_depth(data: PairData, st: State, floor: float, max_elems: int = 1 << 24) -> torch.Tensor:
+def median_depth(data: PairData, st: State, floor: float, max_elems: int = 1 << 21) -> torch.Tensor:
     """Per pixel, the log-conf weighted median of the depths (along the pixel's ray) of the edges' transformed
     predictions of that image: a robust one-shot estimate of the depth minimising the L2-norm loss.
 
     Vectorised over images: each image's candidates (one per edge side that shows it) are padded to the largest
-    count K (depth +inf, weight 0) and sorted together; images are taken in chunks of at most `max_elems` K*H*W.
+    count K (depth +inf, weight 0) and sorted together; images are taken in chunks of at most `max_elems` K*H*W
+    (2M: the sort and its index take ~50 MB, well under the pair stacks themselves).
     """
     N = data.n_images
     H, W = data.HW
