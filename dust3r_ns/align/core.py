@@ -167,23 +167,35 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
         lam_ = (r * Z).sum(-1, keepdim=True) / rr
         return Z - lam_ * r, D, Z, r, rr, lam_
 
+    eye3 = torch.eye(3, device=dev, dtype=dt)
+
     def jacobian(R_, C_, f_, p_):
+        """Residuals and the Jacobian with the rotation/centre columns in the camera frame (elementwise, no 3x3
+        matmuls per pixel): with P = I - r r^T/|r|^2, de/dtheta = P [Z]x R^T and de/dC = -P R^T, and the R^T factors
+        are applied to the 9x9 normal equations on the host (`to_world`)."""
         e, D, Z, r, rr, lam_ = residual(R_, C_, f_, p_)
-        Pm = torch.eye(3, device=dev, dtype=dt) - r[..., :, None] * r[..., None, :] / rr[..., None]   # (N,M,3,3)
-        Rt = R_.transpose(1, 2)[:, None]                                                          # (N,1,3,3)
-        J = torch.zeros(*e.shape, 9, device=dev, dtype=dt)
-        # dZ/dtheta = R^T [D]x ; dZ/dC = -R^T ; de = P dZ
-        J[..., 0:3] = Pm @ (Rt @ _skew_b(D))
-        J[..., 3:6] = -(Pm @ Rt)
+        qr = r / rr                                                          # r / |r|^2
+        cols = [_skew_b(Z) - qr[..., :, None] * torch.cross(r, Z, dim=-1)[..., None, :],   # P [Z]x
+                qr[..., :, None] * r[..., None, :] - eye3]                                   # -P
         # de/dr . dr = -lam dr - r (dr . (Z - 2 lam r)) / rr
         q = (Z - 2 * lam_ * r) / rr
-        dr_f = -torch.stack([r[..., 0], r[..., 1], torch.zeros_like(r[..., 0])], -1)           # dr/dlogf
-        J[..., 6] = -lam_ * dr_f - r * (dr_f * q).sum(-1, keepdim=True)
-        for k in ((0, 1) if cons.optimize_pp else ()):   # (fixed principal points: columns stay zero)
-            dr = torch.zeros_like(r)
-            dr[..., k] = -1.0 / f_[:, None]
-            J[..., 7 + k] = -lam_ * dr - r * (dr * q).sum(-1, keepdim=True)
-        return e, J
+        dr_f = -r * r.new_tensor([1.0, 1.0, 0.0])                                          # dr/dlogf
+        cols.append((-lam_ * dr_f - r * (dr_f * q).sum(-1, keepdim=True))[..., None])
+        if cons.optimize_pp:
+            for k in (0, 1):
+                dr = torch.zeros_like(r)
+                dr[..., k] = -1.0 / f_[:, None]
+                cols.append((-lam_ * dr - r * (dr * q).sum(-1, keepdim=True))[..., None])
+        else:      # fixed principal points: zero columns
+            cols.append(r.new_zeros(*r.shape, 2))
+        return e, torch.cat(cols, -1)
+
+    def to_world(Hc, gc, Rh):
+        """Normal equations of the camera-frame columns -> those of the world-frame parameters (float64 host)."""
+        T = torch.eye(9, dtype=torch.float64).repeat(N, 1, 1)
+        T[:, :3, :3] = Rh.transpose(1, 2)
+        T[:, 3:6, 3:6] = Rh.transpose(1, 2)
+        return T.transpose(1, 2) @ Hc @ T, (T.transpose(1, 2) @ gc[..., None])[..., 0]
 
     def cost(R_, C_, f_, p_):
         e = residual(R_, C_, f_, p_)[0]
@@ -216,8 +228,8 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
             cur = float((Af * (e * e).sum(-1)).sum())
         JA = J * Af[..., None, None]
         # normal equations assembled and solved on the CPU in float64 (at most 9N unknowns)
-        Hl = torch.einsum("nmik,nmil->nkl", JA, J).to("cpu", torch.float64)   # (N,9,9)
-        gl = torch.einsum("nmik,nmi->nk", JA, e).to("cpu", torch.float64)
+        Hl, gl = to_world(torch.einsum("nmik,nmil->nkl", JA, J).to("cpu", torch.float64),    # (N,9,9)
+                          torch.einsum("nmik,nmi->nk", JA, e).to("cpu", torch.float64), R.to("cpu", torch.float64))
         Hl = Hl * (freec[:, :, None] & freec[:, None, :])
         gl = gl * freec
         if cons.shared_focal:      # the shared focal couples the images: one dense (9N)^2 system

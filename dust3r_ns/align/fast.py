@@ -199,13 +199,14 @@ def rel_last(losses: list[float]) -> float:
 
 
 @torch.no_grad()
-def median_depth(data: PairData, st: State, floor: float, max_elems: int = 1 << 21) -> torch.Tensor:
+def median_depth(data: PairData, st: State, floor: float, max_elems: int | None = None) -> torch.Tensor:
     """Per pixel, the log-conf weighted median of the depths (along the pixel's ray) of the edges' transformed
     predictions of that image: a robust one-shot estimate of the depth minimising the L2-norm loss.
 
     Vectorised over images: each image's candidates (one per edge side that shows it) are padded to the largest
     count K (depth +inf, weight 0) and sorted together; images are taken in chunks of at most `max_elems` K*H*W
-    (2M: the sort and its index take ~50 MB, well under the pair stacks themselves).
+    (default: 1M on CUDA, where each chunk costs kernel launches, and one image per chunk on CPUs, where only the
+    memory counts).
     """
     N = data.n_images
     H, W = data.HW
@@ -219,6 +220,8 @@ def median_depth(data: PairData, st: State, floor: float, max_elems: int = 1 << 
     u, v = u[:H, :W], v[:H, :W]
     same_grid = st.depth.shape[1:] == (H, W)
     out = torch.empty(N, H, W, device=dev)
+    if max_elems is None:
+        max_elems = (1 << 20) if dev.type == "cuda" else 1
     step = max(1, max_elems // max(K * H * W, 1))
     for a in range(0, N, step):
         imgs = range(a, min(N, a + step))
