@@ -111,7 +111,7 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
 
     output: the pair-inference dict (view1/view2 with idx, true_shape [, img, name, orig_size, transform];
         pred1 pts3d/conf, pred2 pts3d_in_other_view/conf).
-    mode: 'fast' (ours: closed-form IRLS blocks, coarse-to-fine, early stop at relative change `tol`) or
+    mode: 'fast' (ours: closed-form IRLS blocks, coarse-to-fine, early stop when the loss falls by less than `tol` per iteration) or
         'baseline' (reference schedule: Adam lr 0.01, `niter`=300, cosine). Both start from the MST init.
     niter: iteration cap (baseline: Adam steps, default 300; fast: outer iterations, default 100).
     shared_focal: one focal for all images. known_K: (N,3,3), one 3x3, or {idx: 3x3}; `K_space`='orig' means

@@ -74,7 +74,10 @@ class PairData:
         if stride == 1:
             return self
         sub = lambda t: t[:, ::stride, ::stride].contiguous()  # noqa: E731
-        return PairData(edges=self.edges, pts1=sub(self.pts1), pts2=sub(self.pts2), w1=sub(self.w1), w2=sub(self.w2),
+        # point maps stored channels-first (E,3,h,w), seen through a (E,h,w,3) view: the solver's hot loops read
+        # them channels-first (core.channels_first) without a copy
+        cf = lambda t: t[:, ::stride, ::stride].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # noqa: E731
+        return PairData(edges=self.edges, pts1=cf(self.pts1), pts2=cf(self.pts2), w1=sub(self.w1), w2=sub(self.w2),
                         shapes=self.shapes, names=self.names, orig_sizes=self.orig_sizes, transforms=self.transforms,
                         rgbs=self.rgbs, stride=self.stride * stride)
 

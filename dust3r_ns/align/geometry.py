@@ -43,16 +43,21 @@ class Moments:
 
     def add(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, idx: slice | torch.Tensor | None = None) -> None:
         """x, y (b,M,3), w (b,M); rows go to batch entries `idx` (default all). One batched GEMM per call."""
-        x, y, w = x.float(), y.float(), w.float()
+        self.add_cf(x.transpose(1, 2), y.transpose(1, 2), w, idx)
+
+    def add_cf(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, idx: slice | torch.Tensor | None = None
+               ) -> None:
+        """As `add` with channels-first points x, y (b,3,M)."""
+        w = w.float()
         if self.G is None:
             self.G = torch.zeros(self.B, 5, 4, dtype=self.dtype, device=x.device)
         b, M = w.shape
         # channels-first operands: the (5,M) @ (M,4) products run ~2.5x faster on CPUs than channels-last ones
         xa = torch.empty(b, 4, M, device=x.device)
-        xa[:, :3] = x.transpose(1, 2)
+        xa[:, :3] = x
         xa[:, 3] = 1.0                                                 # [x, 1]
         ya = torch.empty(b, 5, M, device=x.device)
-        ya[:, :3] = y.transpose(1, 2)
+        ya[:, :3] = y
         ya[:, 3] = (xa[:, :3] * xa[:, :3]).sum(1)
         ya[:, 4] = 1.0                                                 # [y, |x|^2, 1]
         G = torch.bmm(ya, (xa * w[:, None]).transpose(1, 2)).to(self.dtype)   # (b,5,4)
