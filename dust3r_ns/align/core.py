@@ -98,7 +98,7 @@ def apply_sim_cf(s: torch.Tensor, R: torch.Tensor, t: torch.Tensor, p: torch.Ten
 def dist_cf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Euclidean distances (n,M) between channels-first point sets (n,3,M)."""
     d = a - b
-    return (d * d).sum(1).sqrt()
+    return d.square_().sum(1).sqrt_()
 
 
 def areas(data: PairData) -> tuple[float, float]:

@@ -77,7 +77,7 @@ def accumulate_targets(data: PairData, st: State, X: torch.Tensor, eps: float, l
             if loss_out is not None:
                 loss += float((wt * dist).sum()) / area[side - 1]
             wt = wt / dist.clamp_min_(eps)
-            Ysum.index_add_(0, e[:, col], Yp * wt[:, None])
+            Ysum.index_add_(0, e[:, col], Yp.mul_(wt[:, None]))
             A.index_add_(0, e[:, col], wt)
     if loss_out is not None:
         loss_out.append(loss)
