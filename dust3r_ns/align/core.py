@@ -205,7 +205,7 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
         # de/dr . dr = -lam dr - r (dr . (Z - 2 lam r)) / rr
         q = (Z - 2 * lam_ * r) / rr
         # focal: dr/dlogf = -(rx, ry, 0)
-        J[:, 6] = -r * (-(r[:, 0] * q[:, 0] + r[:, 1] * q[:, 1]))[:, None]
+        J[:, 6] = r * (r[:, 0] * q[:, 0] + r[:, 1] * q[:, 1])[:, None]
         J[:, 6, :2] += lam_ * r[:, :2]
         if cons.optimize_pp:   # dr/dpp_k = -e_k / f
             inv_f = (1.0 / f_)[:, None, None]

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from .core import (BASE_SCALE, Constraints, State, _chunks, apply_sim, apply_sim_cf, areas, channels_first, dist_cf, depth_from_targets, fit_cameras,
-                   fit_edges, sub_depth, world_points)
+from .core import (BASE_SCALE, Constraints, State, _chunks, apply_sim, apply_sim_cf, areas, channels_first,
+                   depth_from_targets, dist_cf, fit_cameras, fit_edges, sub_depth, world_points)
 from .data import PairData
 from .geometry import pixel_grid, so3_exp
 
