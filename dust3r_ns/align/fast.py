@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 
 from .core import (BASE_SCALE, Constraints, State, _chunks, apply_sim, apply_sim_cf, areas, channels_first,
@@ -372,15 +373,12 @@ class Anderson:
         dF = torch.stack(self.dF, 1)                                          # (n, k)
         Mt = (dF.T @ dF).cpu().numpy()
         b = (dF.T @ f).cpu().numpy()
-        import numpy as np
-
         Mt += self.reg * max(float(np.trace(Mt)), 1e-300) * np.eye(len(b))
         try:
             gam = np.linalg.solve(Mt, b)
         except np.linalg.LinAlgError:
-            self.reset()
-            return None
-        if not np.all(np.isfinite(gam)):
+            gam = None
+        if gam is None or not np.all(np.isfinite(gam)):   # degenerate history: start it again
             self.reset()
             return None
         xn = g - torch.stack(self.dX, 1) @ torch.as_tensor(gam, device=g.device)
