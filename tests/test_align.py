@@ -406,3 +406,48 @@ def test_median_depth_matches_per_pixel_weighted_median():
         idx = np.minimum((cw < 0.5 * cw[-1:]).sum(0), len(d) - 1)
         ref = np.take_along_axis(d, idx[None], 0)[0]
         np.testing.assert_allclose(got[n].double().numpy(), np.maximum(ref, 1e-6), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_joint_translations_recover_shifted_centres_in_one_solve(pin):
+    """Edges exact in scale and rotation, camera centres and edge translations perturbed: one joint solve puts the
+    centres back (up to the common shift that the objective cannot see, or exactly when a camera is pinned)."""
+    from dust3r_ns.align.core import State, channels_first, fit_edges, joint_translations, world_points
+
+    out, gt = make_pairs_output(n=5, noise=0.0, seed=3)
+    data = parse_output(out, "cpu", torch.float32)
+    N = data.n_images
+    c2w = torch.tensor(gt["c2w"], dtype=torch.float32)
+    K = torch.tensor(gt["K"], dtype=torch.float32)
+    depth = torch.stack([torch.tensor(d, dtype=torch.float32) for d in gt["depth"]])
+    E = data.n_edges
+    st = State(c2w.clone(), K[:, 0, 0].clone(), K[:, :2, 2].clone(), depth, torch.ones(E), torch.eye(3).repeat(E, 1, 1),
+               torch.zeros(E, 3))
+    fit_edges(data, st, irls_eps=None)                         # exact similarities of the oracle pairs
+    assert objective(data, st) < 1e-4
+    g = torch.Generator().manual_seed(0)
+    shift = 0.05 * torch.randn(N, 3, generator=g)
+    fixed = torch.zeros(N, dtype=torch.bool)
+    if pin:
+        fixed[0] = True
+        shift[0] = 0
+    st.c2w[:, :3, 3] += shift
+    st.t += 0.05 * torch.randn(E, 3, generator=g)
+    perturbed = objective(data, st)
+    # the per-side sums of fit_edges (weights: log-confidences)
+    X = channels_first(world_points(st.c2w, st.focal, st.pp, st.depth, data.stride))
+    sums = torch.zeros(E, 2, 7)
+    for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
+        w = data.weights(side, slice(None)).reshape(E, -1)
+        p, Xt = channels_first(pts), X[data.edges[:, col]]
+        sums[:, side - 1, 0] = w.sum(1)
+        sums[:, side - 1, 1:4] = (p * w[:, None]).sum(-1)
+        sums[:, side - 1, 4:7] = (Xt * w[:, None]).sum(-1)
+    joint_translations(data, st, sums, fixed if pin else None)
+    err = st.c2w[:, :3, 3] - c2w[:, :3, 3]
+    if not pin:
+        assert torch.allclose(err.mean(0), shift.mean(0), atol=1e-4)   # the mean centre stays where it was
+        err = err - err.mean(0)
+    assert float(err.abs().max()) < 1e-4 < float(shift.abs().max())
+    assert torch.equal(st.c2w[fixed], c2w[fixed])                     # a pinned camera does not move
+    assert objective(data, st) < 1e-3 * perturbed

@@ -160,7 +160,7 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
     if N > 2:
         if mode == "fast":
             stats = solve_fast(data, st, free, max_iter=100 if niter is None else niter, tol=tol, coarse=coarse,
-                               verbose=verbose)
+                               verbose=verbose, polish_iter=0 if cons.pose_mask is not None else 5)
             if cons.pose_mask is not None:
                 apply_known_poses(st, cons)
                 fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride))
