@@ -451,3 +451,43 @@ def test_joint_translations_recover_shifted_centres_in_one_solve(pin):
     assert float(err.abs().max()) < 1e-4 < float(shift.abs().max())
     assert torch.equal(st.c2w[fixed], c2w[fixed])                     # a pinned camera does not move
     assert objective(data, st) < 1e-3 * perturbed
+
+
+def test_full_resolution_polish_lowers_the_loss():
+    synth = pytest.importorskip("dust3r_ns.synth")
+    from dust3r_ns.align.fast import solve_fast
+
+    data = _noisy_synth_data(synth, 8)
+    cons = Constraints()
+    losses, stats = [], []
+    for polish in (0, 5):
+        st = mst_init(data, cons)
+        stats.append(solve_fast(data, st, cons, coarse=data.coarse(2), polish_iter=polish, max_iter=100,
+                                     tol=1e-5, warn_cap=False))
+        losses.append(objective(data, st))
+    assert stats[0]["polish_iterations"] == 0 and stats[1]["polish_iterations"] == 5
+    assert stats[0]["iterations"] == stats[1]["iterations"]        # same coarse phase
+    assert losses[1] < losses[0] * (1 - 1e-5)
+
+
+def test_camera_fit_chunks_give_the_unchunked_solution(monkeypatch):
+    """The camera fit's normal equations accumulated over pixel chunks equal the one-chunk ones."""
+    import dust3r_ns.align.core as core
+
+    synth = pytest.importorskip("dust3r_ns.synth")
+    data = _noisy_synth_data(synth, 9)
+    cons = Constraints()
+    st = mst_init(data, cons)
+    from dust3r_ns.align.fast import accumulate_targets
+
+    X = core.world_points(st.c2w, st.focal, st.pp, st.depth, data.stride)
+    Y, A = accumulate_targets(data, st, X, 1e-4)
+    g = torch.Generator().manual_seed(1)
+    c2w = st.c2w.clone()
+    c2w[:, :3, 3] += 0.02 * torch.randn(data.n_images, 3, generator=g)     # something for the fit to do
+    one = core.fit_cameras(Y, A, c2w, st.focal * 1.05, st.pp, cons, iters=3)
+    monkeypatch.setattr(core, "CAM_FIT_CHUNK", 27 * data.n_images * 100)      # 100 pixels per chunk
+    many = core.fit_cameras(Y, A, c2w, st.focal * 1.05, st.pp, cons, iters=3)
+    assert not torch.allclose(one[0], c2w)
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

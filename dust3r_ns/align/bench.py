@@ -247,7 +247,7 @@ def run(cfg: AlignBenchConfig) -> list[dict]:
             print(f"  -> N={n} {H}x{W} {graph}: speed-up x{b['seconds'] / f['seconds']:.1f}, "
                   f"peak RSS ratio fast/baseline {f['peak_rss_mb'] / b['peak_rss_mb']:.2f} "
                   f"(alignment's own: {f['align_rss_mb'] / b['align_rss_mb']:.2f}), "
-                  f"loss ratio fast/baseline {f['loss'] / b['loss']:.3f}", flush=True)
+                  f"loss fast/baseline - 1: {f['loss'] / b['loss'] - 1:+.1e}", flush=True)
     tmpdir.cleanup()
     if cfg.json_out:
         with open(cfg.json_out, "w") as fh:
@@ -257,9 +257,9 @@ def run(cfg: AlignBenchConfig) -> list[dict]:
 
 def _fmt(r: dict) -> str:
     return (f"{r['mode']:8s} N={r['n']:3d} {r['size']:>8s} {r['graph']:9s} E={r['edges']:5d} "
-            f"{r['seconds']:8.2f}s it={r['iterations']:4d} loss={r['loss']:.5g} RSS={r['peak_rss_mb']:.0f}MB "
+            f"{r['seconds']:8.2f}s it={r['iterations']:4d} loss={r['loss']:.7g} RSS={r['peak_rss_mb']:.0f}MB "
             f"(align {r['align_rss_mb']:.0f}MB) "
-            f"ATE={r['ate_pct']:.3f}% RRA={r['rra_mean_deg']:.3f}/{r['rra_max_deg']:.3f}deg "
+            f"ATE={r['ate_pct']:.4f}% RRA={r['rra_mean_deg']:.5f}/{r['rra_max_deg']:.4f}deg "
             f"focal={r['focal_err_pct']:.3f}% depth={r.get('depth_absrel_pct', float('nan')):.3f}%" + (f" cuda={r['cuda_peak_mb']:.0f}MB" if "cuda_peak_mb" in r else ""))
 
 

@@ -113,7 +113,13 @@ def areas(data: PairData) -> tuple[float, float]:
     return float(a[e[:, 0]].sum()), float(a[e[:, 1]].sum())
 
 
-def _chunks(data: PairData, max_elems: int = 1 << 20):
+CHUNK_ELEMS = {"cuda": 1 << 20, "cpu": 1 << 18}   # edge x pixel elements per pass chunk: on GPUs each chunk costs
+# kernel launches; on CPUs only its temporaries count (~100 bytes per element in `fit_edges`)
+
+
+def _chunks(data: PairData, max_elems: int | None = None):
+    if max_elems is None:
+        max_elems = CHUNK_ELEMS.get(data.pts1.device.type, CHUNK_ELEMS["cpu"])
     ch = edge_chunk(data, max_elems)
     for a in range(0, data.n_edges, ch):
         yield slice(a, min(a + ch, data.n_edges))
@@ -155,7 +161,7 @@ def normalize_edge_scales(st: State, cons: Constraints) -> None:
 FOCAL_RANGE = (0.02, 50.0)   # focal bounds of the camera fit, in units of the 60-degree focal of the map size
 
 
-CAM_FIT_CHUNK = 1 << 24   # Jacobian elements (N x 9 x 3 x pixels) per chunk of the camera fit's normal equations
+CAM_FIT_CHUNK = 1 << 22   # Jacobian elements (N x 9 x 3 x pixels) per chunk of the camera fit's normal equations
 
 
 def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor,
