@@ -177,7 +177,8 @@ def _run_mode(case_path: str, n: int, H: int, W: int, graph: str, mode: str, nit
         dabs = float("nan")
     ferr = float(np.abs(rec.focals / gt["K"][:, 0, 0] - 1).mean() * 100)
     res = dict(mode=mode, n=n, size=f"{H}x{W}", graph=graph, edges=len(graph_edges(n, graph)),
-               seconds=float(np.median(times)), iterations=int(rec.meta["iterations"]), loss=float(rec.meta["loss"]),
+               seconds=float(np.median(times)), iterations=int(rec.meta["iterations"]),
+               polish_iterations=int(rec.meta.get("polish_iterations", 0)), loss=float(rec.meta["loss"]),
                ate_pct=float(pm["ate_pct"]), rra_mean_deg=float(pm["rra_mean_deg"]),
                rra_max_deg=float(pm.get("rra_max_deg", float("nan"))), focal_err_pct=ferr, align_rss_mb=align_mb,
                depth_absrel_pct=dabs)
@@ -257,7 +258,7 @@ def run(cfg: AlignBenchConfig) -> list[dict]:
 
 def _fmt(r: dict) -> str:
     return (f"{r['mode']:8s} N={r['n']:3d} {r['size']:>8s} {r['graph']:9s} E={r['edges']:5d} "
-            f"{r['seconds']:8.2f}s it={r['iterations']:4d} loss={r['loss']:.7g} RSS={r['peak_rss_mb']:.0f}MB "
+            f"{r['seconds']:8.2f}s it={r['iterations']:4d}{'+' + str(r['polish_iterations']) if r.get('polish_iterations') else ''} loss={r['loss']:.7g} RSS={r['peak_rss_mb']:.0f}MB "
             f"(align {r['align_rss_mb']:.0f}MB) "
             f"ATE={r['ate_pct']:.4f}% RRA={r['rra_mean_deg']:.5f}/{r['rra_max_deg']:.4f}deg "
             f"focal={r['focal_err_pct']:.3f}% depth={r.get('depth_absrel_pct', float('nan')):.3f}%" + (f" cuda={r['cuda_peak_mb']:.0f}MB" if "cuda_peak_mb" in r else ""))

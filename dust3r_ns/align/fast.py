@@ -98,8 +98,9 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 100
     coarse: the sub-sampled data (built from `stride` when not given; stride None = auto).
     fine_iter: IRLS depth passes at full resolution after the coarse phase (cameras fixed).
     polish_iter: then that many iterations of the whole block loop at full resolution (0: none): the coarse grid's
-        optimum is a pixel sub-sample's; the polish moves the cameras to the full objective's (N=8 at 384x512 from
-        stride 4: RRA mean 0.0129 -> 0.0124 deg for 5 iterations).
+        optimum is a pixel sub-sample's; the polish moves the cameras towards the full objective's (N=8 at 384x512
+        from stride 4: RRA mean 0.0129 -> 0.0127 deg, loss 1.4e-4 -> 4e-5 above the reference schedule's, for 5
+        iterations; ~1 s of 5 at N=8, 96x128).
     accel: 'anderson' (Anderson mixing, memory `aa_m`), 'extrapolate' (over-relaxation by `extrapolate`), 'none'
         (plain block-coordinate descent) or 'auto' (Anderson when the graph holds at least half of all ordered pairs,
         else over-relaxation). An accelerated iterate that raises the loss is replaced by the plain one (Anderson
