@@ -552,7 +552,7 @@ def _ns_train(tmp_path: Path, data: Path, parser_args: list[str], iters: int = 3
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     elapsed = time.perf_counter() - t0
-    log = res.stdout[-4000:] + res.stderr[-4000:]
+    log = res.stdout[-4000:] + res.stderr   # stderr whole: the dataparser's progress lines come early in it
     assert res.returncode == 0, log
     assert "Setting up CUDA" not in log  # gsplat's JIT never started
     ckpts = sorted(out.rglob("step-*.ckpt"))
