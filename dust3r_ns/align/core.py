@@ -508,7 +508,8 @@ def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Te
     mom = Moments(data.n_edges)
     area_i, area_j = areas(data)
     loss = torch.zeros((), device=X.device, dtype=torch.float64)
-    side_sums = None if joint_t is None or joint_t is False else X.new_zeros(data.n_edges, 2, 7)
+    side_sums = (None if joint_t is None or joint_t is False
+                 else torch.zeros(data.n_edges, 2, 7, device=X.device, dtype=torch.float64))
     for sl in _chunks(data):
         e = data.edges[sl]
         b = e.shape[0]
@@ -520,11 +521,11 @@ def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Te
                 dist = dist_cf(Xt, apply_sim_cf(st.s[sl], st.R[sl], st.t[sl], p))
                 loss += (w * dist).sum().double() / (area_i if side == 1 else area_j)
                 w = w / dist.clamp_min(irls_eps)
-            mom.add_cf(p, Xt, w, idx=sl)
-            if side_sums is not None:   # per side: sum w, sum w p, sum w X (the moments hold both sides together)
-                side_sums[sl, side - 1, 0] = w.sum(1)
-                side_sums[sl, side - 1, 1:4] = torch.bmm(p, w[:, :, None])[..., 0]
-                side_sums[sl, side - 1, 4:7] = torch.bmm(Xt, w[:, :, None])[..., 0]
+            G = mom.add_cf(p, Xt, w, idx=sl)
+            if side_sums is not None:   # per side: sum w, sum w p, sum w X (the moments add both sides up)
+                side_sums[sl, side - 1, 0] = G[:, 4, 3]
+                side_sums[sl, side - 1, 1:4] = G[:, 4, :3]
+                side_sums[sl, side - 1, 4:7] = G[:, :3, 3]
     log_mean = None
     if gauge:
         good = mom.w > 0

@@ -46,8 +46,8 @@ class Moments:
         self.add_cf(x.transpose(1, 2), y.transpose(1, 2), w, idx)
 
     def add_cf(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, idx: slice | torch.Tensor | None = None
-               ) -> None:
-        """As `add` with channels-first points x, y (b,3,M)."""
+               ) -> torch.Tensor:
+        """As `add` with channels-first points x, y (b,3,M). Returns this call's moments (b,5,4) (layout: `sums`)."""
         w = w.float()
         if self.G is None:
             self.G = torch.zeros(self.B, 5, 4, dtype=self.dtype, device=x.device)
@@ -66,6 +66,7 @@ class Moments:
             self.G += G
         else:
             self.G[idx.to(self.G.device) if isinstance(idx, torch.Tensor) else idx] += G
+        return G
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The moments on the CPU: w (B,), sx (B,3), sy (B,3), sxx (B,), syx (B,3,3) (sum of w y x^T)."""
