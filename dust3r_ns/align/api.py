@@ -177,7 +177,8 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
     loss = objective(data, st)
     rec = _to_reconstruction(data, st, cons)
     rec.meta.update(mode=mode if N > 2 else ("pair" if N == 2 else "monocular"), loss=float(loss),
-                    iterations=int(stats.get("iterations", 0)), polish_iterations=int(stats.get("polish_iterations", 0)),
+                    iterations=int(stats.get("iterations", 0)),
+                    polish_iterations=int(stats.get("polish_iterations", 0)),
                     converged=int(bool(stats.get("converged", True))),
                     seconds=float(time.perf_counter() - t0),
                     conf_thr=float(conf_thr))

@@ -146,15 +146,19 @@ def objective(data: PairData, st: State, depth: torch.Tensor | None = None) -> f
     return float(li / area_i + lj / area_j)
 
 
-def normalize_edge_scales(st: State, cons: Constraints) -> None:
-    """Rescale the whole solution so that the geometric mean of edge scales is BASE_SCALE (no-op if metric)."""
+def normalize_edge_scales(st: State, cons: Constraints, scale_depth: bool = True) -> float:
+    """Rescale the whole solution so that the geometric mean of edge scales is BASE_SCALE (no-op if metric).
+
+    Returns the factor; scale_depth False leaves st.depth alone (for callers holding their depths elsewhere)."""
     if not cons.normalize_scale:
-        return
-    c = BASE_SCALE / torch.exp(torch.log(st.s.clamp_min(1e-30)).mean())
+        return 1.0
+    c = BASE_SCALE / float(torch.exp(torch.log(st.s.clamp_min(1e-30)).mean()))
     st.s *= c
     st.t *= c
     st.c2w[:, :3, 3] *= c
-    st.depth *= c
+    if scale_depth:
+        st.depth *= c
+    return c
 
 
 # ---------------------------------------------------------------------------------------------------- camera fit

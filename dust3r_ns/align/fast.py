@@ -29,8 +29,8 @@ import time
 import numpy as np
 import torch
 
-from .core import (BASE_SCALE, Constraints, State, _chunks, apply_sim, apply_sim_cf, areas, channels_first,
-                   depth_from_targets, dist_cf, fit_cameras, fit_edges, sub_depth, world_points)
+from .core import (Constraints, State, _chunks, apply_sim, apply_sim_cf, areas, channels_first,
+                   depth_from_targets, dist_cf, fit_cameras, fit_edges, normalize_edge_scales, sub_depth, world_points)
 from .data import PairData
 from .geometry import pixel_grid, so3_exp
 
@@ -211,7 +211,7 @@ def _descend(pd: PairData, st: State, dc: torch.Tensor, eps: float, cons: Constr
             best_loss = loss
             best = (st.c2w.clone(), st.focal.clone(), st.pp.clone(), st.s.clone(), st.R.clone(), st.t.clone(),
                     dc.clone(), eps)
-        c = _normalize(st, cons)
+        c = normalize_edge_scales(st, cons, scale_depth=False)   # depths held here, on the loop's grid
         dc = dc * c
         eps = eps * c
         X = world_points(st.c2w, st.focal, st.pp, dc, pd.stride)
@@ -432,14 +432,3 @@ def _keep_known(new: tuple, plain: tuple, cons: Constraints, floor: float) -> tu
     elif cons.pp_mask is not None:
         pp = torch.where(cons.pp_mask[:, None], plain[2], pp)
     return c2w, focal, pp, depth.clamp_min(floor)
-
-
-def _normalize(st: State, cons: Constraints) -> float:
-    """Edge-scale normalisation on the cameras/edges; returns the factor for depth maps held outside `st`."""
-    if not cons.normalize_scale:
-        return 1.0
-    c = BASE_SCALE / float(torch.exp(torch.log(st.s.clamp_min(1e-30)).mean()))
-    st.s *= c
-    st.t *= c
-    st.c2w[:, :3, 3] *= c
-    return c
