@@ -200,9 +200,9 @@ def fit_cameras(Y: torch.Tensor, A: torch.Tensor, c2w: torch.Tensor, focal: torc
         return Z - lam_ * r, Z, r, rr, lam_
 
     def jacobian(R_, C_, f_, p_, sl):
-        """Residuals and the Jacobian (N,9,3,m) on the pixels `sl`, with the rotation/centre columns in the camera frame (elementwise,
-        no 3x3 matmuls per pixel): with P = I - r r^T/|r|^2, de/dtheta = P [Z]x R^T and de/dC = -P R^T, and the R^T
-        factors are applied to the 9x9 normal equations on the host (`to_world`)."""
+        """Residuals and the Jacobian (N,9,3,m) on the pixels `sl`, with the rotation/centre columns in the camera
+        frame (elementwise, no 3x3 matmuls per pixel): with P = I - r r^T/|r|^2, de/dtheta = P [Z]x R^T and
+        de/dC = -P R^T, and the R^T factors are applied to the 9x9 normal equations on the host (`to_world`)."""
         e, Z, r, rr, lam_ = residual(R_, C_, f_, p_, sl)
         qr = r / rr                                                          # r / |r|^2
         J = Z.new_zeros(N, 9, 3, Z.shape[2])
@@ -552,9 +552,9 @@ def joint_translations(data: PairData, st: State, side_sums: torch.Tensor, fixed
     """Camera centres and edge translations moved together to the minimum of the weighted quadratic
     sum_e,side sum_p w |X_p + dC_image - (Y_p + dt_e)|^2 (rotations, scales and camera-frame depths fixed).
 
-    Alternating camera and edge fits moves them one at a time, and an error in a camera centre is half absorbed by
-    its edges' translations at each turn: the joint centres creep towards the optimum over tens of iterations (N=32
-    complete graph: 0.1% of the camera spread after 27 iterations). The joint minimum is one linear solve: the
+    Alternating camera and edge fits moves them one at a time, and an error in a camera centre is partly absorbed
+    by its edges' translations at each turn, so the centres creep towards the optimum, hop by hop along the graph
+    (N=64 swin-3: 85 -> 53 iterations and ATE 1.15% -> 0.81% with this step). The joint minimum is one linear solve: the
     edge translations are eliminated per edge, leaving an N x N weighted-Laplacian system (isotropic weights, so the
     three axes share it); the global shift is fixed by keeping the mean centre (or the `fixed` cameras) in place.
     side_sums (E,2,7): per edge and side, sum w, sum w p (prediction), sum w X (world points), as in `fit_edges`.
