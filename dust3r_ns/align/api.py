@@ -15,7 +15,7 @@ from dust3r_ns.scene import Reconstruction
 from .baseline import solve_baseline
 from .core import Constraints, State, apply_known_poses, fit_edges, mst_init, objective, sub_depth
 from .data import AlignError, PairData, parse_output
-from .fast import auto_stride, solve_fast
+from .fast import POLISH_ITER, auto_stride, solve_fast
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -160,7 +160,7 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
     if N > 2:
         if mode == "fast":
             stats = solve_fast(data, st, free, max_iter=100 if niter is None else niter, tol=tol, coarse=coarse,
-                               verbose=verbose, polish_iter=0 if cons.pose_mask is not None else 5)
+                               verbose=verbose, polish_iter=0 if cons.pose_mask is not None else POLISH_ITER)
             if cons.pose_mask is not None:
                 apply_known_poses(st, cons)
                 fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride))

@@ -567,15 +567,17 @@ def joint_translations(data: PairData, st: State, side_sums: torch.Tensor, fixed
     g = S[..., 4:7] - torch.einsum("eij,ekj->eki", sR, S[..., 1:4]) - W[..., None] * t[:, None]   # (E,2,3) sum w r
     img = data.edges.cpu()                                                         # (E,2)
     Wt = W.sum(1).clamp_min(1e-30)                                                 # (E,)
-    # Schur complement on the centres: S_CC d = rhs
-    Hcc = torch.zeros(N, dtype=torch.float64).index_add_(0, img.reshape(-1), W.reshape(-1))
-    B = torch.zeros(N, E, dtype=torch.float64)                                     # -H_Ct = W_e,side at (image, e)
-    B.index_put_((img[:, 0], torch.arange(E)), W[:, 0], accumulate=True)
-    B.index_put_((img[:, 1], torch.arange(E)), W[:, 1], accumulate=True)
-    bC = torch.zeros(N, 3, dtype=torch.float64).index_add_(0, img.reshape(-1), g.reshape(-1, 3))
+    # Schur complement on the centres, S d = rhs, assembled edge by edge (each edge couples its two images):
+    # S = diag(sum of W per image) - sum_e w_e w_e^T / Wt_e with w_e = (W_e1 at image i, W_e2 at image j)
+    i, j = img[:, 0], img[:, 1]
+    Sm = torch.zeros(N, N, dtype=torch.float64)
+    Sm.index_put_((img.reshape(-1), img.reshape(-1)), W.reshape(-1), accumulate=True)
+    for a, b, wa, wb in ((i, i, W[:, 0], W[:, 0]), (j, j, W[:, 1], W[:, 1]), (i, j, W[:, 0], W[:, 1]),
+                         (j, i, W[:, 1], W[:, 0])):
+        Sm.index_put_((a, b), -wa * wb / Wt, accumulate=True)
     bt = -g.sum(1)                                                                 # (E,3), ~0 after the edge fit
-    Sm = torch.diag(Hcc) - (B / Wt) @ B.T
-    rhs = -bC - (B / Wt) @ bt
+    rhs = torch.zeros(N, 3, dtype=torch.float64).index_add_(0, img.reshape(-1), -g.reshape(-1, 3))
+    rhs.index_add_(0, img.reshape(-1), -(W / Wt[:, None]).reshape(-1, 1) * bt.repeat_interleave(2, 0))
     free = torch.ones(N, dtype=torch.bool) if fixed is None else ~fixed.cpu()
     if not bool(free.any()):
         return
@@ -587,7 +589,7 @@ def joint_translations(data: PairData, st: State, side_sums: torch.Tensor, fixed
         d[free] = torch.linalg.solve(Sf, rhs[free])
     except RuntimeError:   # singular (disconnected weights): skip the step
         return
-    tau = ((B.T @ d) - bt) / Wt[:, None]                                            # (E,3)
+    tau = (W[:, :1] * d[i] + W[:, 1:] * d[j] - bt) / Wt[:, None]                    # (E,3) edge translations
     if not (torch.isfinite(d).all() and torch.isfinite(tau).all()):
         return
     c2w = st.c2w.clone()

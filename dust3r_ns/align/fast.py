@@ -40,6 +40,9 @@ EPS_REL = 1e-4   # IRLS distance floor relative to the median depth. At the opti
                  # moves the fixed point off the optimum (1e-3 cost ~30% in rotation accuracy on complete graphs)
 
 
+POLISH_ITER = 5  # full-resolution iterations after the coarse phase (see solve_fast)
+
+
 def auto_stride(H: int, W: int, target: int = 3072, max_stride: int = 4) -> int:
     """Largest power-of-two stride (at most `max_stride`) leaving at least `target` pixels per image.
 
@@ -91,7 +94,7 @@ def accumulate_targets(data: PairData, st: State, X: torch.Tensor, eps: float, l
 @torch.no_grad()
 def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 100, tol: float = 1e-5,
                stride: int | None = None, coarse: PairData | None = None, cam_iters: int = 1, fine_iter: int = 8,
-               polish_iter: int = 5, warn_cap: bool = True, extrapolate: float = 1.0, accel: str = "auto",
+               polish_iter: int = POLISH_ITER, warn_cap: bool = True, extrapolate: float = 1.0, accel: str = "auto",
                aa_m: int = 5, window: int = 5, joint_t: bool = True, verbose: bool = False) -> dict:
     """Run the fast solver in place on `st` (full-resolution state). Returns stats (iterations, losses, times).
 
@@ -150,6 +153,7 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 100
             depth, eps, prun = _descend(data, st, depth, eps, max_iter=polish_iter, label="align fast (polish)",
                                         **opts)
             polish = prun["losses"]
+            run["diverged"] = prun["diverged"]   # (the polish went back to its best iterate: warn as for the coarse)
         st.depth = depth
     else:
         st.depth = dc
