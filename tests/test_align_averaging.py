@@ -71,15 +71,16 @@ def test_long_noisy_chain_drifts_less_than_tree_chaining():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fast_mode_on_swin_graph_more_accurate_with_global_step(seed):
+def test_fast_mode_on_swin_graph_converges_sooner_with_global_step(seed):
     """Ray-cast scene, 20 views on an arc, swin-2 graph, oracle pairs with per-pair rigid/scale errors.
-    (Since the solver moves centres and edge translations jointly, the tree start recovers more: ATE 0.71% vs 0.88%
-    at seed 0, 0.53% vs 1.05% at seed 1, the tree start at the 100-iteration cap in both.)"""
+    (Before the solver's joint camera/edge step the tree start stopped at the 100-iteration cap, ATE 0.88% and 1.05%
+    against 0.71% and 0.53% from the averaged start; with it both starts reach the same optimum, ATE 0.31%/0.27% at
+    seed 0 and 0.28%/0.27% at seed 1, and the averaged start in fewer iterations: 37/46 and 47/49.)"""
     from dust3r_ns.align.bench import make_case
 
     out, gt = make_case("synth", 20, 24, 32, "swin-2", 0.01, seed)
     on = global_align(out, verbose=False)             # default: global step on
     off = global_align(out, verbose=False, global_step=False)
     ate_on, ate_off = (pose_metrics(r.c2w, gt["c2w"])["ate_pct"] for r in (on, off))
-    assert ate_on < 0.85 * ate_off and ate_on < 1.0
+    assert ate_on < 0.5 and ate_on < 1.25 * ate_off
     assert on.meta["iterations"] <= off.meta["iterations"]

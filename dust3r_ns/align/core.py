@@ -16,6 +16,7 @@ import torch
 
 from .data import AlignError, PairData
 from .geometry import Moments, default_focal, estimate_focal, pixel_grid, so3_exp, umeyama
+from .joint import joint_moments, joint_step, umeyama_sums
 
 BASE_SCALE = 0.5
 
@@ -495,8 +496,9 @@ def apply_known_poses(st: State, cons: Constraints) -> None:
     st.c2w[m] = K[m]
 
 
+
 def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Tensor | None = None,
-              gauge: bool = False, joint_t: torch.Tensor | bool | None = None) -> float:
+              gauge: bool = False) -> float:
     """Closed-form per-edge similarity (weighted Umeyama) to the current world points. Returns the loss before it.
 
     irls_eps None: weights = log-conf; else IRLS weights log-conf / max(dist, eps) (majorises the L2-norm loss).
@@ -504,16 +506,38 @@ def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Te
     gauge: solve the edges jointly under the scale gauge (geometric mean of the edge scales = BASE_SCALE) instead of
         freely. Free fits followed by a rescale of the whole solution do not minimise the gauged objective (the free
         fit always prefers smaller scales), so a solver alternating them settles off the optimum.
-    joint_t: then move the camera centres and edge translations jointly to the minimum of the same weighted
-        quadratic (`joint_translations`); True, or an (N,) bool mask of cameras that stay put (known poses).
     """
+    loss, mom, _ = _edge_moments(data, st, irls_eps, depth, side_moments=False)
+    _solve_edges(data, st, mom, gauge)
+    return loss
+
+
+def fit_edges_joint(data: PairData, st: State, irls_eps: float | None, depth: torch.Tensor, cons: Constraints
+                    ) -> tuple[float, torch.Tensor]:
+    """`fit_edges`, then the joint camera/edge/depth-scale step (`joint.joint_step`) from the same pass's moments:
+    updates the cameras and edges of `st` in place; returns the loss before both and the rescaled depths. Known
+    poses and focals stay put; a shared focal is left to the camera fit."""
+    loss, mom, M7 = _edge_moments(data, st, irls_eps, depth, side_moments=True)
+    _solve_edges(data, st, mom, cons.normalize_scale)
+    N = data.n_images
+    focal_free = (torch.zeros(N, dtype=torch.bool) if cons.shared_focal
+                  else torch.ones(N, dtype=torch.bool) if cons.focal_mask is None else ~cons.focal_mask.cpu())
+    H, W = data.HW
+    f_range = tuple(k * default_focal(H * data.stride, W * data.stride) for k in FOCAL_RANGE)
+    gain = joint_step(data.edges, st, M7, cons.pose_mask, focal_free, cons.normalize_scale, f_range)
+    return loss, depth if gain is None else depth * gain[:, None, None]
+
+
+def _edge_moments(data: PairData, st: State, irls_eps: float | None, depth: torch.Tensor | None, side_moments: bool
+                  ) -> tuple[float, Moments, torch.Tensor | None]:
+    """One pass over the edges: the loss (with IRLS weights), the Umeyama moments and, if asked, the (E,2,7,7)
+    moments per edge side of `joint.side_moments` (which hold the Umeyama ones)."""
     depth = st.depth if depth is None else depth
     X = channels_first(world_points(st.c2w, st.focal, st.pp, depth, data.stride))     # (N,3,M)
     mom = Moments(data.n_edges)
     area_i, area_j = areas(data)
     loss = torch.zeros((), device=X.device, dtype=torch.float64)
-    side_sums = (None if joint_t is None or joint_t is False
-                 else torch.zeros(data.n_edges, 2, 7, device=X.device, dtype=torch.float64))
+    M7 = torch.zeros(data.n_edges, 2, 7, 7, device=X.device, dtype=torch.float64) if side_moments else None
     for sl in _chunks(data):
         e = data.edges[sl]
         b = e.shape[0]
@@ -525,11 +549,16 @@ def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Te
                 dist = dist_cf(Xt, apply_sim_cf(st.s[sl], st.R[sl], st.t[sl], p))
                 loss += (w * dist).sum().double() / (area_i if side == 1 else area_j)
                 w = w / dist.clamp_min(irls_eps)
-            G = mom.add_cf(p, Xt, w, idx=sl)
-            if side_sums is not None:   # per side: sum w, sum w p, sum w X (the moments add both sides up)
-                side_sums[sl, side - 1, 0] = G[:, 4, 3]
-                side_sums[sl, side - 1, 1:4] = G[:, 4, :3]
-                side_sums[sl, side - 1, 4:7] = G[:, :3, 3]
+            if M7 is None:
+                mom.add_cf(p, Xt, w, idx=sl)
+            else:
+                M7[sl, side - 1] = M = joint_moments(Xt, p, w)
+                mom.add_sums(umeyama_sums(M), sl)
+    return float(loss), mom, M7
+
+
+def _solve_edges(data: PairData, st: State, mom: Moments, gauge: bool) -> None:
+    """The edges' similarities from their moments (under the scale gauge if asked); non-finite fits keep theirs."""
     log_mean = None
     if gauge:
         good = mom.w > 0
@@ -537,62 +566,9 @@ def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Te
         if n_good:   # edges without weight keep their scale and still count in the gauge
             rest = float(torch.log(st.s.cpu().double().clamp_min(1e-30))[~good].sum())
             log_mean = (data.n_edges * math.log(BASE_SCALE) - rest) / n_good
-    s, R, t = (x.to(X.device) for x in mom.solve(True, log_scale_mean=log_mean))
+    dev = st.s.device
+    s, R, t = (x.to(dev) for x in mom.solve(True, log_scale_mean=log_mean))
     ok = torch.isfinite(s) & (s > 0)
     st.s = torch.where(ok, s.float(), st.s)
     st.R = torch.where(ok[:, None, None], R.float(), st.R)
     st.t = torch.where(ok[:, None], t.float(), st.t)
-    if side_sums is not None:
-        fixed = joint_t if isinstance(joint_t, torch.Tensor) else None
-        joint_translations(data, st, side_sums, fixed)
-    return float(loss)
-
-
-def joint_translations(data: PairData, st: State, side_sums: torch.Tensor, fixed: torch.Tensor | None = None) -> None:
-    """Camera centres and edge translations moved together to the minimum of the weighted quadratic
-    sum_e,side sum_p w |X_p + dC_image - (Y_p + dt_e)|^2 (rotations, scales and camera-frame depths fixed).
-
-    Alternating camera and edge fits moves them one at a time, and an error in a camera centre is partly absorbed
-    by its edges' translations at each turn, so the centres creep towards the optimum, hop by hop along the graph
-    (N=64 swin-3: 85 -> 53 iterations and ATE 1.15% -> 0.81% with this step). The joint minimum is one linear solve: the
-    edge translations are eliminated per edge, leaving an N x N weighted-Laplacian system (isotropic weights, so the
-    three axes share it); the global shift is fixed by keeping the mean centre (or the `fixed` cameras) in place.
-    side_sums (E,2,7): per edge and side, sum w, sum w p (prediction), sum w X (world points), as in `fit_edges`.
-    """
-    N, E = data.n_images, data.n_edges
-    S = side_sums.to("cpu", torch.float64)
-    W = S[..., 0]                                                                  # (E,2)
-    sR = (st.s[:, None, None] * st.R).to("cpu", torch.float64)                     # (E,3,3)
-    t = st.t.to("cpu", torch.float64)
-    g = S[..., 4:7] - torch.einsum("eij,ekj->eki", sR, S[..., 1:4]) - W[..., None] * t[:, None]   # (E,2,3) sum w r
-    img = data.edges.cpu()                                                         # (E,2)
-    Wt = W.sum(1).clamp_min(1e-30)                                                 # (E,)
-    # Schur complement on the centres, S d = rhs, assembled edge by edge (each edge couples its two images):
-    # S = diag(sum of W per image) - sum_e w_e w_e^T / Wt_e with w_e = (W_e1 at image i, W_e2 at image j)
-    i, j = img[:, 0], img[:, 1]
-    Sm = torch.zeros(N, N, dtype=torch.float64)
-    Sm.index_put_((img.reshape(-1), img.reshape(-1)), W.reshape(-1), accumulate=True)
-    for a, b, wa, wb in ((i, i, W[:, 0], W[:, 0]), (j, j, W[:, 1], W[:, 1]), (i, j, W[:, 0], W[:, 1]),
-                         (j, i, W[:, 1], W[:, 0])):
-        Sm.index_put_((a, b), -wa * wb / Wt, accumulate=True)
-    bt = -g.sum(1)                                                                 # (E,3), ~0 after the edge fit
-    rhs = torch.zeros(N, 3, dtype=torch.float64).index_add_(0, img.reshape(-1), -g.reshape(-1, 3))
-    rhs.index_add_(0, img.reshape(-1), -(W / Wt[:, None]).reshape(-1, 1) * bt.repeat_interleave(2, 0))
-    free = torch.ones(N, dtype=torch.bool) if fixed is None else ~fixed.cpu()
-    if not bool(free.any()):
-        return
-    d = torch.zeros(N, 3, dtype=torch.float64)
-    Sf = Sm[free][:, free]
-    if fixed is None or not bool(fixed.any()):
-        Sf = Sf + Sm.diagonal().mean() / N       # the global shift: pinned by keeping the mean centre in place
-    try:
-        d[free] = torch.linalg.solve(Sf, rhs[free])
-    except RuntimeError:   # singular (disconnected weights): skip the step
-        return
-    tau = (W[:, :1] * d[i] + W[:, 1:] * d[j] - bt) / Wt[:, None]                    # (E,3) edge translations
-    if not (torch.isfinite(d).all() and torch.isfinite(tau).all()):
-        return
-    c2w = st.c2w.clone()
-    c2w[:, :3, 3] += d.to(c2w)
-    st.c2w = c2w
-    st.t = st.t + tau.to(st.t)

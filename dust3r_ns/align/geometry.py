@@ -68,6 +68,13 @@ class Moments:
             self.G[idx.to(self.G.device) if isinstance(idx, torch.Tensor) else idx] += G
         return G
 
+    def add_sums(self, G: torch.Tensor, idx: slice | torch.Tensor) -> None:
+        """Add precomputed moments G (b,5,4) (layout: `sums`) to batch entries `idx`."""
+        if self.G is None:
+            self.G = torch.zeros(self.B, 5, 4, dtype=self.dtype, device=G.device)
+        self._cpu = None
+        self.G[idx.to(self.G.device) if isinstance(idx, torch.Tensor) else idx] += G.to(self.dtype)
+
     def sums(self) -> dict[str, torch.Tensor]:
         """The moments on the CPU: w (B,), sx (B,3), sy (B,3), sxx (B,), syx (B,3,3) (sum of w y x^T)."""
         if self._cpu is None:
