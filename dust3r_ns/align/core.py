@@ -496,7 +496,6 @@ def apply_known_poses(st: State, cons: Constraints) -> None:
     st.c2w[m] = K[m]
 
 
-
 def fit_edges(data: PairData, st: State, irls_eps: float | None, depth: torch.Tensor | None = None,
               gauge: bool = False) -> float:
     """Closed-form per-edge similarity (weighted Umeyama) to the current world points. Returns the loss before it.
@@ -531,7 +530,7 @@ def fit_edges_joint(data: PairData, st: State, irls_eps: float | None, depth: to
 def _edge_moments(data: PairData, st: State, irls_eps: float | None, depth: torch.Tensor | None, side_moments: bool
                   ) -> tuple[float, Moments, torch.Tensor | None]:
     """One pass over the edges: the loss (with IRLS weights), the Umeyama moments and, if asked, the (E,2,7,7)
-    moments per edge side of `joint.side_moments` (which hold the Umeyama ones)."""
+    moments per edge side of `joint.joint_moments` (which hold the Umeyama ones)."""
     depth = st.depth if depth is None else depth
     X = channels_first(world_points(st.c2w, st.focal, st.pp, depth, data.stride))     # (N,3,M)
     mom = Moments(data.n_edges)
