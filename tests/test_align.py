@@ -410,10 +410,10 @@ def test_median_depth_matches_per_pixel_weighted_median():
 
 @pytest.mark.parametrize("pin", [False, True])
 def test_joint_step_recovers_perturbed_cameras(pin):
-    """Exact pair predictions, cameras moved off the truth (centre; then also rotation, focal and depth-map scale) and edge
-    translations perturbed: each joint step is a Gauss-Newton step on cameras and edges together, so two (three with
-    rotations) land on the truth to float32 precision, where block-coordinate descent needs tens of iterations;
-    known cameras do not move."""
+    """Exact pair predictions, cameras moved off the truth (centre; then also rotation, focal and depth-map scale)
+    and edge translations perturbed: each joint step is a Gauss-Newton step on cameras and edges together, so two
+    (three with rotations) land on the truth to float32 precision, where block-coordinate descent needs tens of
+    iterations; known cameras do not move."""
     from dust3r_ns.align.bench import pose_metrics
     from dust3r_ns.align.core import State, fit_edges, fit_edges_joint
     from dust3r_ns.align.geometry import so3_exp
@@ -452,6 +452,25 @@ def test_joint_step_recovers_perturbed_cameras(pin):
             assert float((st.c2w - c2w).abs().max()) < 1e-3
             assert float(((st.depth - depth) / depth).abs().max()) < 1e-3
         assert float((st.focal / K[:, 0, 0] - 1).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("seed", [8, 3])
+def test_joint_step_converges_in_fewer_iterations_to_a_lower_loss(seed):
+    """Noisy 8-view scene: the same coarse solve with and without the joint step (measured: 34 vs 59 and 32 vs 62
+    iterations, final loss lower by 3e-4 and 1.5e-4 relative)."""
+    synth = pytest.importorskip("dust3r_ns.synth")
+    from dust3r_ns.align.fast import solve_fast
+
+    data = _noisy_synth_data(synth, seed, n=8)
+    its, losses = [], []
+    for joint in (True, False):
+        cons = Constraints()
+        st = mst_init(data, cons)
+        its.append(solve_fast(data, st, cons, coarse=data.coarse(2), polish_iter=0, max_iter=100, tol=1e-5,
+                              warn_cap=False, joint=joint)["iterations"])
+        losses.append(objective(data, st))
+    assert its[0] < 0.75 * its[1]
+    assert losses[0] < losses[1]
 
 
 def test_full_resolution_polish_lowers_the_loss():
