@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +103,95 @@ def preprocess(img: Image.Image, size: int, square_ok: bool = False, label: str 
     return resized.crop(box), transform
 
 
-def _view(img: Image.Image, size: int, idx: int, name: str, path: str, square_ok: bool) -> dict:
+@dataclass(frozen=True, eq=False)
+class ImageInfo:
+    """What the pipeline keeps of one input image after preprocessing: its name and file, the original (upright)
+    size, the resize/crop transform from original to network pixels and the network-resolution colours."""
+
+    name: str
+    path: str                   # "" for in-memory images
+    orig_size: tuple[int, int]  # (W, H) of the upright original
+    transform: np.ndarray       # [4] float64 (sx, sy, x0, y0): net = (orig + 0.5) * (sx, sy) - 0.5 - (x0, y0)
+    rgb: np.ndarray             # [H, W, 3] uint8 at network resolution
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) at network resolution."""
+        return int(self.rgb.shape[0]), int(self.rgb.shape[1])
+
+
+@dataclass(eq=False)
+class View:
+    """One network input: image `idx` of a run, its normalised tensor and its `ImageInfo`."""
+
+    idx: int
+    img: torch.Tensor           # [1, 3, H, W] float32 in [-1, 1]
+    info: ImageInfo
+
+    @property
+    def true_shape(self) -> np.ndarray:
+        """[1, 2] int32 (H, W), as the reference's views carry it."""
+        return np.int32([self.img.shape[-2:]])
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def path(self) -> str:
+        return self.info.path
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return self.info.rgb
+
+    @property
+    def orig_size(self) -> tuple[int, int]:
+        return self.info.orig_size
+
+    @property
+    def transform(self) -> np.ndarray:
+        return self.info.transform
+
+    def to_reference(self) -> dict:
+        """The reference implementation's view dict (`img`, `true_shape`, `idx`, `instance`)."""
+        return dict(img=self.img, true_shape=self.true_shape, idx=self.idx, instance=str(self.idx))
+
+
+def normalize(rgb: np.ndarray) -> torch.Tensor:
+    """[H, W, 3] uint8 -> [1, 3, H, W] float32 network input (x / 255 - 0.5) / 0.5, as the reference."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)[None]
+
+
+def make_view(idx: int, rgb: np.ndarray | None = None, img: torch.Tensor | None = None, name: str | None = None,
+              path: str = "", orig_size: tuple[int, int] | None = None, transform: np.ndarray | None = None) -> View:
+    """The one place a `View` is built: from network-resolution colours `rgb` [H, W, 3] uint8 (the tensor is their
+    normalisation) or from a ready tensor `img` [1, 3, H, W] in [-1, 1] (the colours are its de-normalisation).
+    Without `orig_size`/`transform` the original image is the network image (identity transform)."""
+    if rgb is None and img is None:
+        raise ImageError(f"view {idx}: give the colours (rgb) or the network tensor (img)")
+    if img is None:
+        img = normalize(rgb)
+    img = img.reshape(1, *img.shape[-3:])
+    if rgb is None:
+        rgb = ((img[0].detach().float().cpu().permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    H, W = rgb.shape[:2]
+    if tuple(img.shape[-2:]) != (H, W):
+        raise ImageError(f"view {idx}: colours {rgb.shape[:2]} and tensor {tuple(img.shape[-2:])} differ in size")
+    info = ImageInfo(name=f"image_{idx:04d}" if name is None else str(name), path=str(path),
+                     orig_size=(W, H) if orig_size is None else (int(orig_size[0]), int(orig_size[1])),
+                     transform=np.array([1.0, 1.0, 0.0, 0.0]) if transform is None
+                     else np.asarray(transform, dtype=np.float64).reshape(4),
+                     rgb=rgb)
+    return View(idx=int(idx), img=img, info=info)
+
+
+def _view(img: Image.Image, size: int, idx: int, name: str, path: str, square_ok: bool) -> View:
     orig_size = img.size
     crop, transform = preprocess(img, size, square_ok, label=path or name)
-    rgb = np.array(crop, dtype=np.uint8)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
-    return dict(img=x[None], true_shape=np.int32([rgb.shape[:2]]), idx=idx, instance=str(idx), path=path,
-                name=name, orig_size=np.int64(orig_size), transform=transform, rgb=rgb)
+    return make_view(idx, rgb=np.array(crop, dtype=np.uint8), name=name, path=path, orig_size=orig_size,
+                     transform=transform)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -123,11 +206,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbose: bool = False) -> list[dict]:
+def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbose: bool = False) -> list[View]:
     """Load and preprocess images: a folder (undecodable files skipped with a warning) or a list of files (strict).
 
-    Returns the reference view dicts (`img` (1,3,H,W) in [-1,1], `true_shape` (1,2), `idx`, `instance`) with
-    `path`, `name`, `orig_size` (W,H), `transform` (sx, sy, x0, y0) and `rgb` (H,W,3 uint8).
+    Returns one `View` per image, indexed 0..N-1 in input order (a folder: sorted by name).
     """
     size = check_size(size)
     if isinstance(paths_or_folder, (str, os.PathLike)) and Path(paths_or_folder).is_dir():
@@ -153,14 +235,14 @@ def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbo
         names.add(name)
         views.append(view)
         if verbose:
-            h, w = view["rgb"].shape[:2]
-            print(f"loaded {path} {tuple(view['orig_size'].tolist())} -> {w}x{h}")
+            h, w = view.info.shape
+            print(f"loaded {path} {view.orig_size} -> {w}x{h}")
     if not views:
         raise ImageError(f"{paths_or_folder}: none of the {len(files)} image files could be read; see the warnings")
     return views
 
 
-def images_from_arrays(arrays, size: int = 512, square_ok: bool = False) -> list[dict]:
+def images_from_arrays(arrays, size: int = 512, square_ok: bool = False) -> list[View]:
     """Same preprocessing for in-memory uint8 (H,W,3) arrays, named image_000.png, ..."""
     size = check_size(size)
     views = []

@@ -2,8 +2,8 @@
 
 The reference runs the full network per pair, so with a complete graph each image is encoded 2(N-1) times.
 Here the encoder runs once per distinct image (batched by image shape), then decoders and heads run batched over
-pairs, ``batch_size`` pairs at a time. The result has the reference's structure (``view1``, ``view2``,
-``pred1``, ``pred2``; views with ``img``, ``true_shape``, ``idx``, ``instance``), on the CPU.
+pairs, ``batch_size`` pairs at a time. Pairs are (`View`, `View`) tuples (`make_pairs`); the result is a
+`PairPredictions` on the CPU (its `to_reference()` gives the reference output dict).
 """
 
 from __future__ import annotations
@@ -11,23 +11,17 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 
-import numpy as np
 import torch
 from tqdm import tqdm
+
+from dust3r_ns.images import View
+from dust3r_ns.predictions import PairPredictions, PredictionsError
 
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _key(view: dict):
-    """Identity of an image inside a run: its index when given, else the object."""
-    return ("idx", int(view["idx"])) if "idx" in view else ("obj", id(view))
-
-
-def _true_shape(view: dict) -> torch.Tensor:
-    ts = view.get("true_shape")
-    if ts is None:
-        return torch.tensor(view["img"].shape[-2:]).reshape(1, 2)
-    return torch.as_tensor(np.asarray(ts)).reshape(1, 2).long()
+def _true_shape(view: View) -> torch.Tensor:
+    return torch.as_tensor(view.true_shape).reshape(1, 2).long()
 
 
 def _autocast(device: torch.device, amp):
@@ -41,22 +35,6 @@ def _autocast(device: torch.device, amp):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _collate_views(views: list[dict]) -> dict:
-    out: dict = {}
-    same = len({tuple(v["img"].shape[-2:]) for v in views}) == 1
-    for k in views[0]:
-        vals = [v[k] for v in views]
-        if k == "img":
-            out[k] = torch.cat([x.reshape(1, *x.shape[-3:]) for x in vals]) if same else [x[0] for x in vals]
-        elif k == "true_shape":
-            out[k] = torch.cat([torch.as_tensor(np.asarray(x)).reshape(1, 2) for x in vals])
-        elif k == "idx":
-            out[k] = [int(x) for x in vals]
-        else:
-            out[k] = vals
-    return out
-
-
 def _cat_preds(chunks: list[dict], same: bool) -> dict:
     keys = chunks[0].keys()
     if same:
@@ -64,22 +42,51 @@ def _cat_preds(chunks: list[dict], same: bool) -> dict:
     return {k: [t for c in chunks for t in c[k]] for k in keys}
 
 
+def _check_pairs(pairs) -> tuple[list[View], bool]:
+    """The distinct views of the pairs, by index (0..N-1, each index one view), and whether all shapes agree."""
+    if len(pairs) == 0:
+        raise ValueError("no image pairs to run: give at least one image (one image is paired with itself)")
+    by_idx: dict[int, View] = {}
+    for p in pairs:
+        for v in p:
+            if not isinstance(v, View):
+                raise ValueError(f"pairs must hold View objects (load_images / make_view, then make_pairs), got "
+                                 f"{type(v).__name__}")
+            if by_idx.setdefault(v.idx, v) is not v and by_idx[v.idx].info is not v.info:
+                raise ValueError(f"two different images carry index {v.idx}; number the views 0..N-1")
+    N = max(by_idx) + 1
+    missing = sorted(set(range(N)) - set(by_idx))
+    if missing:
+        raise ValueError(f"images {missing} appear in no pair; number the views 0..N-1 and pair them all")
+    views = [by_idx[k] for k in range(N)]
+    return views, len({tuple(v.img.shape[-2:]) for v in views}) == 1
+
+
+def _predictions(views: list[View], pairs, chunks1: list[dict], chunks2: list[dict], same: bool) -> PairPredictions:
+    p1, p2 = _cat_preds(chunks1, same), _cat_preds(chunks2, same)
+    try:
+        return PairPredictions(images=[v.info for v in views], edges=[(a.idx, b.idx) for a, b in pairs],
+                               pts1=p1["pts3d"], pts2=p2["pts3d_in_other_view"], conf1=p1["conf"], conf2=p2["conf"])
+    except PredictionsError as e:
+        raise ValueError(str(e)) from None
+
+
 @torch.inference_mode()
-def encode_images(model, views: list[dict], device, batch_size: int = 8, amp=None, verbose: bool = False):
-    """Encoder tokens and positions for each distinct view: {key: (feat (N, C), pos (N, 2))} on `device`."""
+def encode_images(model, views: list[View], device, batch_size: int = 8, amp=None, verbose: bool = False):
+    """Encoder tokens and positions of each distinct view: {idx: (feat [T, C], pos [T, 2])} on `device`."""
     device = torch.device(device)
     unique: dict = {}
     for v in views:
-        unique.setdefault(_key(v), v)
+        unique.setdefault(v.idx, v)
     by_shape = defaultdict(list)
     for k, v in unique.items():
-        by_shape[(tuple(v["img"].shape[-2:]), tuple(_true_shape(v)[0].tolist()))].append(k)
+        by_shape[tuple(v.img.shape[-2:])].append(k)
     cache = {}
     bar = tqdm(total=len(unique), desc="encode", disable=not verbose, leave=False)
     for keys in by_shape.values():
         for s in range(0, len(keys), batch_size):
             ks = keys[s : s + batch_size]
-            img = torch.cat([unique[k]["img"].reshape(1, *unique[k]["img"].shape[-3:]) for k in ks]).to(device)
+            img = torch.cat([unique[k].img for k in ks]).to(device)
             shape = torch.cat([_true_shape(unique[k]) for k in ks]).to(device)
             with _autocast(device, amp):
                 feat, pos = model.encode(img, shape)
@@ -91,35 +98,32 @@ def encode_images(model, views: list[dict], device, batch_size: int = 8, amp=Non
 
 
 @torch.inference_mode()
-def inference(pairs, model, device="cpu", batch_size: int = 8, amp=None, verbose: bool = True) -> dict:
-    """Run every (view1, view2) pair; returns the reference output structure with tensors on the CPU.
+def inference(pairs, model, device="cpu", batch_size: int = 8, amp=None, verbose: bool = True) -> PairPredictions:
+    """Run every (view1, view2) pair; returns the `PairPredictions` (tensors on the CPU), edges in pair order.
 
-    Pairs are processed in order; consecutive pairs of equal image shapes share a decoder batch. When the images
-    have different shapes the per-pair tensors are returned as lists, as the reference does.
+    Consecutive pairs of equal image shapes share a decoder batch. When the images have different shapes the
+    per-pair maps are lists, as the reference's are.
     """
-    if len(pairs) == 0:
-        raise ValueError("no image pairs to run: give at least one image (one image is paired with itself)")
+    views, same = _check_pairs(pairs)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     model = model.to(device).eval()
-    feats = encode_images(model, [v for p in pairs for v in p], device, batch_size, amp, verbose)
-
-    same = len({tuple(v["img"].shape[-2:]) for p in pairs for v in p}) == 1
+    feats = encode_images(model, views, device, batch_size, amp, verbose)
     chunks1, chunks2 = [], []
     bar = tqdm(total=len(pairs), desc="pairs", disable=not verbose, leave=False)
     start = 0
     while start < len(pairs):
         # a batch of consecutive pairs with identical (shape1, shape2)
-        sig = lambda p: (tuple(p[0]["img"].shape[-2:]), tuple(p[1]["img"].shape[-2:]))  # noqa: E731
+        sig = lambda p: (tuple(p[0].img.shape[-2:]), tuple(p[1].img.shape[-2:]))  # noqa: E731
         end = start + 1
         while end < len(pairs) and end - start < batch_size and sig(pairs[end]) == sig(pairs[start]):
             end += 1
         batch = pairs[start:end]
-        f1 = torch.stack([feats[_key(a)][0] for a, _ in batch])
-        p1 = torch.stack([feats[_key(a)][1] for a, _ in batch])
-        f2 = torch.stack([feats[_key(b)][0] for _, b in batch])
-        p2 = torch.stack([feats[_key(b)][1] for _, b in batch])
+        f1 = torch.stack([feats[a.idx][0] for a, _ in batch])
+        p1 = torch.stack([feats[a.idx][1] for a, _ in batch])
+        f2 = torch.stack([feats[b.idx][0] for _, b in batch])
+        p2 = torch.stack([feats[b.idx][1] for _, b in batch])
         s1 = torch.cat([_true_shape(a) for a, _ in batch]).to(device)
         s2 = torch.cat([_true_shape(b) for _, b in batch]).to(device)
         with _autocast(device, amp):
@@ -133,30 +137,20 @@ def inference(pairs, model, device="cpu", batch_size: int = 8, amp=None, verbose
         bar.update(end - start)
         start = end
     bar.close()
-    return {
-        "view1": _collate_views([a for a, _ in pairs]),
-        "view2": _collate_views([b for _, b in pairs]),
-        "pred1": _cat_preds(chunks1, same),
-        "pred2": _cat_preds(chunks2, same),
-    }
+    return _predictions(views, pairs, chunks1, chunks2, same)
 
 
 @torch.inference_mode()
-def inference_per_pair(pairs, model, device="cpu", verbose: bool = False) -> dict:
+def inference_per_pair(pairs, model, device="cpu", verbose: bool = False) -> PairPredictions:
     """The reference-style path: the whole network once per pair (each image re-encoded for every pair)."""
+    views, same = _check_pairs(pairs)
     device = torch.device(device)
     model = model.to(device).eval()
     chunks1, chunks2 = [], []
     for a, b in tqdm(pairs, desc="pairs (per-pair)", disable=not verbose, leave=False):
-        v1 = {"img": a["img"].to(device), "true_shape": _true_shape(a).to(device)}
-        v2 = {"img": b["img"].to(device), "true_shape": _true_shape(b).to(device)}
+        v1 = {"img": a.img.to(device), "true_shape": _true_shape(a).to(device)}
+        v2 = {"img": b.img.to(device), "true_shape": _true_shape(b).to(device)}
         r1, r2 = model(v1, v2)
         chunks1.append({k: v.cpu() for k, v in r1.items()})
         chunks2.append({k: v.cpu() for k, v in r2.items()})
-    same = len({tuple(v["img"].shape[-2:]) for p in pairs for v in p}) == 1
-    return {
-        "view1": _collate_views([a for a, _ in pairs]),
-        "view2": _collate_views([b for _, b in pairs]),
-        "pred1": _cat_preds(chunks1, same),
-        "pred2": _cat_preds(chunks2, same),
-    }
+    return _predictions(views, pairs, chunks1, chunks2, same)

@@ -356,14 +356,14 @@ def test_degenerate_predictions_give_a_finite_result():
     from dust3r_ns.inference import inference
     from dust3r_ns.model.checkpoint import build_model, load_model
     from dust3r_ns.pairs import make_pairs
-    from dust3r_ns.train.pose_eval import views_from_renders
-    from dust3r_ns.cli import default_model_source
+    from dust3r_ns.images import make_view
+    from dust3r_ns.pipeline import default_model_source
 
     torch.manual_seed(0)
     model = build_model(load_model(default_model_source()).config).eval()
     scene = synth.make_scene(100001)
     c2w, K = synth.camera_path(scene, 6, "moderate", seed=1, H=64, W=64)
-    views = views_from_renders([synth.render(scene, c2w[i], K[i], 64, 64)["rgb"] for i in range(6)])
+    views = [make_view(i, rgb=synth.render(scene, c2w[i], K[i], 64, 64)["rgb"]) for i in range(6)]
     out = inference(make_pairs(views, "complete"), model, device="cpu", verbose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

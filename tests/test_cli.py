@@ -11,6 +11,8 @@ from PIL import Image
 from dust3r_ns.cli import main
 from dust3r_ns.model.checkpoint import save_hf
 from dust3r_ns.model.network import AsymmetricCroCo3DStereo
+from dust3r_ns.predictions import PairPredictions
+from dust3r_ns.scene import Reconstruction
 
 REPO_EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "synthetic_room"
 
@@ -36,9 +38,22 @@ def photos(tmp_path):
 def test_infer_writes_pairs(tiny_model, photos, tmp_path):
     out = tmp_path / "pairs.npz"
     assert main(["infer", str(photos), "--model", tiny_model, "--out", str(out), "--size", "224"]) == 0
-    data = np.load(out)
-    assert data["pred1.pts3d"].shape == (6, 224, 224, 3)
-    assert data["view1.idx"].tolist() == [1, 2, 2, 0, 0, 1]
+    preds = PairPredictions.load(out)
+    assert preds.pts1.shape == (6, 224, 224, 3) and preds.conf2.shape == (6, 224, 224)
+    assert preds.edges[:, 0].tolist() == [1, 2, 2, 0, 0, 1]
+    assert preds.names == ["p0.png", "p1.png", "p2.png"] and preds.images[1].path == str(photos / "p1.png")
+
+
+def test_infer_output_feeds_reconstruct(tiny_model, photos, tmp_path):
+    """`infer` then `reconstruct PAIRS.npz` gives the same cameras as `reconstruct` on the photos."""
+    pairs = tmp_path / "pairs.npz"
+    assert main(["infer", str(photos), "--model", tiny_model, "--out", str(pairs)]) == 0
+    assert main(["reconstruct", str(pairs), "--out", str(tmp_path / "a")]) == 0
+    assert main(["reconstruct", str(photos), "--model", tiny_model, "--out", str(tmp_path / "b")]) == 0
+    a = Reconstruction.load(tmp_path / "a" / "reconstruction.npz")
+    b = Reconstruction.load(tmp_path / "b" / "reconstruction.npz")
+    assert a.names == b.names and np.array_equal(a.c2w, b.c2w) and np.array_equal(a.K, b.K)
+    assert sorted(p.name for p in (tmp_path / "a" / "images").iterdir()) == ["p0.png", "p1.png", "p2.png"]
 
 
 @pytest.mark.parametrize("case", ["empty", "non_images", "missing"])

@@ -19,12 +19,12 @@ def test_golden_preprocessing(golden_dir):
     for key, info in cases.items():
         name, size = key.split("@")
         view = load_images([golden_dir / "images" / name], size=int(size))[0]
-        assert view["rgb"].shape == np.asarray(ref[key]).reshape(view["rgb"].shape).shape
-        assert np.array_equal(view["rgb"], np.asarray(ref[key]).reshape(view["rgb"].shape)), key
-        assert list(view["img"].shape) == info["shape"]
-        assert view["true_shape"].tolist() == info["true_shape"]
-        expect = torch.from_numpy(view["rgb"]).permute(2, 0, 1)[None].float() / 255 * 2 - 1
-        assert torch.allclose(view["img"], expect, atol=1e-6)
+        assert view.rgb.shape == np.asarray(ref[key]).reshape(view.rgb.shape).shape
+        assert np.array_equal(view.rgb, np.asarray(ref[key]).reshape(view.rgb.shape)), key
+        assert list(view.img.shape) == info["shape"]
+        assert view.true_shape.tolist() == info["true_shape"]
+        expect = torch.from_numpy(view.rgb).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+        assert torch.allclose(view.img, expect, atol=1e-6)
 
 
 @pytest.mark.parametrize("size,wh", [(512, (640, 480)), (512, (333, 777)), (224, (640, 480)), (224, (300, 1024))])
@@ -35,13 +35,13 @@ def test_transform_maps_original_pixels(size, wh):
     u0, v0 = int(W * 0.55), int(H * 0.45)
     img[v0 - 6 : v0 + 7, u0 - 6 : u0 + 7] = 255
     view = images_from_arrays([img], size=size)[0]
-    mass = view["rgb"][..., 0].astype(np.float64)
+    mass = view.rgb[..., 0].astype(np.float64)
     vs, us = np.nonzero(mass > 0)
     w = mass[vs, us]
     centre_net = np.array([(us * w).sum() / w.sum(), (vs * w).sum() / w.sum()])
-    predicted = pixel_orig_to_net(np.array([u0, v0], np.float64), view["transform"])
+    predicted = pixel_orig_to_net(np.array([u0, v0], np.float64), view.transform)
     assert np.abs(centre_net - predicted).max() < 0.5
-    assert tuple(view["orig_size"]) == (W, H)
+    assert tuple(view.orig_size) == (W, H)
 
 
 def test_folder_skips_bad_files_with_warning(tmp_path):
@@ -53,8 +53,8 @@ def test_folder_skips_bad_files_with_warning(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         views = load_images(tmp_path, size=224)
-    assert [v["name"] for v in views] == ["a.png", "b.jpg"]
-    assert [v["idx"] for v in views] == [0, 1]
+    assert [v.name for v in views] == ["a.png", "b.jpg"]
+    assert [v.idx for v in views] == [0, 1]
     msgs = " ".join(str(w.message) for w in caught)
     assert "empty.jpg" in msgs and "fake.png" in msgs
 
@@ -87,8 +87,8 @@ def test_exif_orientation_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 CW on display
     img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
     view = load_images([tmp_path / "rot.jpg"], size=512)[0]
-    assert tuple(view["orig_size"]) == (48, 80)  # upright: portrait
-    assert view["true_shape"][0, 0] > view["true_shape"][0, 1]
+    assert tuple(view.orig_size) == (48, 80)  # upright: portrait
+    assert view.true_shape[0, 0] > view.true_shape[0, 1]
 
 
 def test_bad_size_and_arrays():
@@ -100,7 +100,7 @@ def test_bad_size_and_arrays():
     with pytest.raises(ImageError, match="uint8"):
         images_from_arrays([np.zeros((64, 64), np.float32)], size=224)
     views = images_from_arrays([img, img], size=224)
-    assert [v["name"] for v in views] == ["image_000.png", "image_001.png"] and views[1]["idx"] == 1
+    assert [v.name for v in views] == ["image_000.png", "image_001.png"] and views[1].idx == 1
 
 
 def test_extreme_aspect_named_and_skipped_in_folder(tmp_path):
@@ -112,7 +112,7 @@ def test_extreme_aspect_named_and_skipped_in_folder(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         views = load_images(tmp_path, size=512)
-    assert [v["name"] for v in views] == ["a.png"] and "strip.png" in str(caught[0].message)
+    assert [v.name for v in views] == ["a.png"] and "strip.png" in str(caught[0].message)
 
 
 def test_heic_without_extra_is_clear(tmp_path, monkeypatch):
@@ -129,8 +129,8 @@ def test_rgba_and_grayscale_become_rgb(tmp_path):
     Image.fromarray(np.full((48, 64, 4), 200, np.uint8), "RGBA").save(tmp_path / "a.png")
     Image.fromarray(np.full((48, 64), 77, np.uint8), "L").save(tmp_path / "b.bmp")
     a, b = load_images(tmp_path, size=224)
-    assert a["rgb"].shape == (224, 224, 3) and b["rgb"].shape == (224, 224, 3)
-    assert abs(int(b["rgb"][100, 100, 0]) - 77) <= 1 and b["rgb"][..., 0].tolist() == b["rgb"][..., 2].tolist()
+    assert a.rgb.shape == (224, 224, 3) and b.rgb.shape == (224, 224, 3)
+    assert abs(int(b.rgb[100, 100, 0]) - 77) <= 1 and b.rgb[..., 0].tolist() == b.rgb[..., 2].tolist()
 
 
 @pytest.mark.parametrize("ext,kw", [(".webp", {"lossless": True}), (".tiff", {}), (".bmp", {}), (".jpeg", {"quality": 100})])
@@ -141,5 +141,5 @@ def test_formats_decode(tmp_path, ext, kw):
     (view,) = load_images(tmp_path, size=224)
     ref = images_from_arrays([arr], size=224)[0]
     tol = 0 if ext != ".jpeg" else 3
-    assert np.abs(view["rgb"].astype(int) - ref["rgb"].astype(int)).mean() <= tol
-    assert view["name"] == f"x{ext.upper()}"
+    assert np.abs(view.rgb.astype(int) - ref.rgb.astype(int)).mean() <= tol
+    assert view.name == f"x{ext.upper()}"

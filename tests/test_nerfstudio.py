@@ -17,9 +17,11 @@ from PIL import Image
 pytest.importorskip("nerfstudio")
 
 from dust3r_ns import conventions as cv  # noqa: E402
+from dust3r_ns.align import AlignConfig  # noqa: E402
 from dust3r_ns.nerfstudio.dataparser import Dust3rDataParser, Dust3rDataParserConfig  # noqa: E402
 from dust3r_ns.nerfstudio.rasterizer import project_gaussians, rasterize_dense  # noqa: E402
 from dust3r_ns.nerfstudio.scene_cache import SceneError  # noqa: E402
+from dust3r_ns.pipeline import NetworkConfig, PairsConfig, PointsConfig  # noqa: E402
 from dust3r_ns.scene import Reconstruction  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,10 +92,17 @@ def fake_build(monkeypatch):
     return fb
 
 
+def parser_config(data: Path, model: str, conf_thr: float, max_points: int = 100_000, image_size=None,
+                  align_mode: str = "fast", **kw) -> Dust3rDataParserConfig:
+    """The dataparser config with the embedded network/pairs/align/points configs set from flat options."""
+    return Dust3rDataParserConfig(data=data, network=NetworkConfig(model=model), pairs=PairsConfig(image_size=image_size),
+                                  align=AlignConfig(mode=align_mode),
+                                  points=PointsConfig(conf_thr=conf_thr, max_points=max_points), **kw)
+
+
 def parser_for(data: Path, tmp_path: Path, **kw) -> Dust3rDataParser:
-    cfg = Dust3rDataParserConfig(data=data, model=str(tmp_path / "no_model.pth"), cache_dir=tmp_path / "cache",
-                                 conf_thr=kw.pop("conf_thr", 1.5), **kw)
-    return cfg.setup()
+    return parser_config(data, str(tmp_path / "no_model.pth"), cache_dir=tmp_path / "cache",
+                         conf_thr=kw.pop("conf_thr", 1.5), **kw).setup()
 
 
 # ---------------------------------------------------------------- dataparser geometry
@@ -273,14 +282,13 @@ def test_bad_inputs_give_clear_errors(tmp_path, fake_build):
 
 
 def test_alignment_failure_is_explained(tmp_path, monkeypatch):
-    import dust3r_ns.align
-    import dust3r_ns.cli
+    import dust3r_ns.nerfstudio.dataparser as dp
 
     def bad_align(*a, **k):
         raise ValueError("Reconstruction.c2w/K contain non-finite values")
 
-    monkeypatch.setattr(dust3r_ns.cli, "run_pairs", lambda *a, **k: ([], {}))
-    monkeypatch.setattr(dust3r_ns.align, "global_align", bad_align)
+    monkeypatch.setattr(dp, "run_pairs", lambda *a, **k: None)
+    monkeypatch.setattr(dp, "align", bad_align)
     data = tmp_path / "photos"
     write_photos(data, 2)
     with pytest.raises(SceneError, match="global alignment failed.*non-finite.*check --model"):
@@ -570,7 +578,7 @@ def test_ns_train_cpu_from_cached_reconstruction(tmp_path, fake_build):
         pytest.skip("the CPU end-to-end path; on GPUs gsplat is used")
     data = tmp_path / "photos"
     write_photos(data, 3)
-    p = Dust3rDataParserConfig(data=data, model="cached-model", conf_thr=1.0, max_points=400).setup()
+    p = parser_config(data, "cached-model", conf_thr=1.0, max_points=400).setup()
     seeds = p.get_dataparser_outputs("train").metadata["points3D_xyz"]
     ckpt, elapsed, log = _ns_train(tmp_path, data, ["--model", "cached-model", "--conf-thr", "1.0",
                                                      "--max-points", "400"])
@@ -599,7 +607,7 @@ def test_ns_train_cpu_full_pipeline(tmp_path):
     # the tiny model sees the same geometry in every photo: all cameras coincide; the scale comes from the points
     assert float(torch.quantile(means.abs().flatten(), 0.95)) < 5.0
     # the cache written by ns-train is reused here, and the Gaussians started from its seed points
-    p = Dust3rDataParserConfig(data=data, model=str(model_dir), image_size=224, conf_thr=1.0, max_points=300).setup()
+    p = parser_config(data, str(model_dir), image_size=224, conf_thr=1.0, max_points=300).setup()
     seeds = p.get_dataparser_outputs("train").metadata["points3D_xyz"]
     assert p.scene.hit and means.shape == seeds.shape
     assert (means - seeds).abs().max() < 0.05 and not torch.equal(means, seeds)

@@ -1,4 +1,4 @@
-"""`global_align`: pair predictions -> `Reconstruction` (options, memory check, 1/2-image paths, result assembly)."""
+"""`global_align`: `PairPredictions` -> `Reconstruction` (options, memory check, 1/2-image paths, result assembly)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from dust3r_ns.scene import Reconstruction
 
 from .baseline import solve_baseline
 from .core import Constraints, State, apply_known_poses, fit_edges, mst_init, objective, sub_depth
-from .data import AlignError, PairData, parse_output
+from .config import AlignConfig
+from .data import AlignError, PairData, as_predictions, pair_data
 from .fast import POLISH_ITER, auto_stride, solve_fast
 
 
@@ -101,76 +102,73 @@ def _known_c2w(known_c2w: Any, N: int) -> tuple[np.ndarray, np.ndarray]:
     return P, mask
 
 
-def global_align(output: dict, mode: str = "fast", device: str | torch.device = "cpu", niter: int | None = None,
-                 shared_focal: bool = False, known_K: Any = None, K_space: str = "orig", known_c2w: Any = None,
-                 optimize_pp: bool = False, conf_thr: float = 3.0, dtype: torch.dtype = torch.float32,
-                 verbose: bool = True, memory_limit_bytes: int | None = None, tol: float = 1e-5,
-                 stride: int | None = None, lr: float = 0.01, metric_iter: int = 10,
-                 global_step: bool = True) -> Reconstruction:
+def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any = None, K_space: str = "orig",
+                 known_c2w: Any = None, conf_thr: float = 3.0, verbose: bool = True, **options: Any
+                 ) -> Reconstruction:
     """Align pairwise DUSt3R predictions into one reconstruction.
 
-    output: the pair-inference dict (view1/view2 with idx, true_shape [, img, name, orig_size, transform];
-        pred1 pts3d/conf, pred2 pts3d_in_other_view/conf).
-    mode: 'fast' (ours: closed-form IRLS blocks, coarse-to-fine, early stop when the loss falls by less than `tol` per iteration) or
-        'baseline' (reference schedule: Adam lr 0.01, `niter`=300, cosine). Both start from the MST init.
-    niter: iteration cap (baseline: Adam steps, default 300; fast: outer iterations, default 100).
-    shared_focal: one focal for all images. known_K: (N,3,3), one 3x3, or {idx: 3x3}; `K_space`='orig' means
-        original-image pixels mapped into the network crop with each view's `transform` (identity when absent),
-        'net' means network pixels. Known intrinsics fix the focal and the principal point of those images.
+    preds: `PairPredictions` (what `inference` returns) or the reference output dict (view1/view2 with idx,
+        true_shape [, img, name, orig_size, transform]; pred1 pts3d/conf, pred2 pts3d_in_other_view/conf).
+    config: `AlignConfig` (default: its defaults); `options` override its fields by name (mode, niter, shared_focal,
+        optimize_pp, device, dtype (a name or a torch dtype), tol, stride, lr, metric_iter, global_step,
+        memory_limit_bytes). Without a device the alignment runs on the CPU.
+    known_K: (N,3,3), one 3x3, or {idx: 3x3}; `K_space`='orig' means original-image pixels mapped into the network
+        crop with each image's transform, 'net' means network pixels. Known intrinsics fix the focal and the
+        principal point of those images.
     known_c2w: {idx: 4x4} or (N,4,4) with NaN rows for unknown (OpenCV camera-to-world). Two or more known poses
         fix the metric scale (edge-scale normalisation is switched off).
-    optimize_pp: also optimise principal points (of images without known K).
-    conf_thr: confidence threshold stored for masks (`rec.masks()` default uses 3.0). dtype: storage dtype of the
-        pair predictions (torch.float16 halves their memory; maths stays float32).
-    device: where alignment runs ('cpu', 'cuda', ...), independent of where the network ran.
-    memory_limit_bytes: budget for the estimate check (default: the device's available memory).
-    tol/stride/metric_iter: fast-mode early-stop tolerance, sub-sampling stride (None: auto), metric-phase cap.
-    global_step: fast mode starts from rotation/scale/translation averaging over all edges (align.averaging)
-        instead of the spanning-tree chaining alone (the baseline keeps the reference's tree initialisation).
+    conf_thr: confidence threshold stored with the result (`rec.masks()` and `rec.pointcloud()` default to it).
     One image -> monocular result (identity pose); two images -> direct pair solution (no iterations).
     """
+    try:
+        cfg = (config or AlignConfig()).replace(**options)
+    except ValueError as e:
+        raise AlignError(str(e)) from None
+    mode = cfg.mode
     if mode not in ("fast", "baseline"):
         raise AlignError(f"mode must be 'fast' or 'baseline', got {mode!r}")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise AlignError(f"dtype must be torch.float32/float16/bfloat16, got {dtype}")
-    dev = torch.device(device)
+    dtype = cfg.torch_dtype
+    dev = torch.device(cfg.device or "cpu")
     t0 = time.perf_counter()
+    preds = as_predictions(preds)
     # memory check before stacking anything
-    n_pairs, H, W, N = _peek_sizes(output)
+    N, n_pairs = preds.n_images, preds.n_edges
+    H, W = (int(x) for x in preds.shapes.max(0))
     store_bytes = torch.empty((), dtype=dtype).element_size()
     need = estimate_memory(N, n_pairs, H, W, mode, store_bytes)
-    budget = memory_limit_bytes if memory_limit_bytes is not None else available_memory(dev)
+    budget = cfg.memory_limit_bytes if cfg.memory_limit_bytes is not None else available_memory(dev)
     if budget is not None and need > budget:
         raise AlignError(
             f"global alignment ({mode}) of {N} images / {n_pairs} pairs at {H}x{W} needs ~{need / 2**30:.1f} GiB but only "
             f"{budget / 2**30:.1f} GiB is available; use {_suggest_graph(N, budget, H, W, mode, store_bytes)}, "
             "dtype=torch.float16, or mode='fast'")
-    data = parse_output(output, dev, dtype)
-    N = data.n_images
-    cons = _constraints(data, shared_focal, known_K, K_space, known_c2w, optimize_pp, dev)
+    data = pair_data(preds, dev, dtype)
+    del preds
+    cons = _constraints(data, cfg.shared_focal, known_K, K_space, known_c2w, cfg.optimize_pp, dev)
     H, W = data.HW
-    coarse = data.coarse(auto_stride(H, W) if stride is None else max(1, int(stride)))
+    coarse = data.coarse(auto_stride(H, W) if cfg.stride is None else max(1, int(cfg.stride)))
+    niter = cfg.niter
     # fast mode with known poses: pose-free solve first (the scale gauge is well conditioned there), then snap to
     # the known poses; with >= 2 known poses a short metric phase follows (the metric objective drifts towards
     # shrinking the scene, so it is capped by `metric_iter`, and runs without the joint step, whose per-image depth
-    # scales follow that drift several times faster: depth/truth 0.94 instead of 1.00 on the 5-view toy test)
+    # scales would follow that drift)
     free = dataclasses.replace(cons, pose_mask=None, known_c2w=None)
     st = mst_init(data, free if (mode == "fast" and N > 2) else cons, verbose, coarse=coarse,
-                  global_step=mode == "fast" and global_step)
+                  global_step=mode == "fast" and cfg.global_step)
     stats: dict[str, Any] = dict(iterations=0)
     if N > 2:
         if mode == "fast":
-            stats = solve_fast(data, st, free, max_iter=100 if niter is None else niter, tol=tol, coarse=coarse,
+            stats = solve_fast(data, st, free, max_iter=100 if niter is None else niter, tol=cfg.tol, coarse=coarse,
                                verbose=verbose, polish_iter=0 if cons.pose_mask is not None else POLISH_ITER)
             if cons.pose_mask is not None:
                 apply_known_poses(st, cons)
                 fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride))
                 if not cons.normalize_scale:
-                    s2 = solve_fast(data, st, cons, max_iter=metric_iter, tol=1e-3, coarse=coarse, verbose=verbose,
-                                    warn_cap=False, joint=False)
+                    s2 = solve_fast(data, st, cons, max_iter=cfg.metric_iter, tol=1e-3, coarse=coarse,
+                                    verbose=verbose, warn_cap=False, joint=False)
                     stats["iterations"] += s2["iterations"]
         else:
-            stats = solve_baseline(data, st, cons, niter=300 if niter is None else niter, lr=lr, verbose=verbose)
+            stats = solve_baseline(data, st, cons, niter=300 if niter is None else niter, lr=cfg.lr, verbose=verbose)
     if N == 1 and cons.pose_mask is None:
         # monocular: the world is the camera frame
         st.c2w = torch.eye(4, device=st.c2w.device)[None].clone()
@@ -184,22 +182,6 @@ def global_align(output: dict, mode: str = "fast", device: str | torch.device = 
                     seconds=float(time.perf_counter() - t0),
                     conf_thr=float(conf_thr))
     return rec
-
-
-def _peek_sizes(output: dict) -> tuple[int, int, int, int]:
-    try:
-        p = output["pred1"]["pts3d"]
-        idx = list(output["view1"]["idx"]) + list(output["view2"]["idx"])
-    except (KeyError, TypeError) as e:
-        raise AlignError(f"pair output lacks {e}: pass the dict returned by inference(pairs, model, ...)") from e
-    if isinstance(p, (list, tuple)):
-        P = len(p)
-        H = max(int(torch.as_tensor(t).shape[-3]) for t in p)
-        W = max(int(torch.as_tensor(t).shape[-2]) for t in p)
-    else:
-        P, H, W = int(p.shape[0]), int(p.shape[1]), int(p.shape[2])
-    N = int(max(int(i) for i in idx)) + 1
-    return P, H, W, N
 
 
 def _constraints(data: PairData, shared_focal: bool, known_K: Any, K_space: str, known_c2w: Any, optimize_pp: bool,

@@ -56,10 +56,11 @@ def _model(tiny: bool, name: str):
 
 
 def _pairs(n: int, size: str):
+    from dust3r_ns.images import make_view
+
     h, w = _hw(size)
     g = torch.Generator().manual_seed(1)
-    views = [dict(img=torch.rand(1, 3, h, w, generator=g) * 2 - 1, true_shape=torch.tensor([[h, w]]),
-                  idx=i, instance=str(i)) for i in range(n)]
+    views = [make_view(i, img=torch.rand(1, 3, h, w, generator=g) * 2 - 1) for i in range(n)]
     pairs = [(views[i], views[j]) for i, j in itertools.combinations(range(n), 2)]
     return pairs + [(b, a) for a, b in pairs]
 

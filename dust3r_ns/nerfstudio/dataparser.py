@@ -18,6 +18,7 @@ own config module is still initialising (circular import otherwise).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ from nerfstudio.data.utils.dataparsers_utils import (
 from nerfstudio.plugins.registry_dataparser import DataParserSpecification
 
 from dust3r_ns import conventions as cv
+from dust3r_ns.align import AlignConfig
+from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, align,
+                                default_model_source, resolve_device, run_pairs)
 from dust3r_ns.nerfstudio.scene_cache import (
     CachedScene,
     SceneError,
@@ -58,28 +62,14 @@ class Dust3rDataParserConfig(DataParserConfig):
     _target: Type = field(default_factory=lambda: Dust3rDataParser)
     data: Path = Path()
     """Folder of photos (at least 2; sub-folders and hidden files are ignored)."""
-    model: Optional[str] = None
-    """DUSt3R checkpoint: .pth, Hugging Face folder, or hub name; None = the bundled model (synthetic scenes only)."""
-    image_size: Optional[int] = None
-    """Network image size (224 or 512); None = from the model."""
-    scene_graph: Optional[str] = None
-    """Pair graph: complete, swin-k, logwin-k, oneref-k (+ -noncyclic); None = chosen from the number of photos."""
-    align_mode: Literal["fast", "baseline"] = "fast"
-    """Global alignment solver: 'fast' (ours) or 'baseline' (the reference schedule)."""
-    align_niter: Optional[int] = None
-    """Alignment iteration cap; None = the solver's default."""
-    shared_focal: bool = False
-    """One focal length for all photos (same camera and zoom)."""
-    conf_thr: float = 3.0
-    """Confidence threshold for the alignment and the seed points."""
-    max_points: int = 100_000
-    """Seed point cap (voxel down-sampling keeps the most confident point per voxel); 0 = no cap."""
-    device: Optional[str] = None
-    """Torch device for DUSt3R and the alignment; None = cuda when available, else cpu."""
-    batch_size: int = 8
-    """Image pairs per network batch (bounds memory)."""
-    amp: Optional[Literal["bf16", "fp16"]] = None
-    """Mixed precision for the network; None = float32."""
+    network: Network = NetworkConfig()
+    """DUSt3R checkpoint and device (--model, --device, --batch-size, --amp)."""
+    pairs: Pairs = PairsConfig()
+    """Network image size and pair graph (--image-size, --scene-graph)."""
+    align: AlignConfig = AlignConfig()
+    """Global alignment (--align.mode, --align.niter, --align.shared-focal, ...)."""
+    points: Points = PointsConfig()
+    """Seed points: confidence threshold (also stored with the reconstruction) and point cap."""
     cache_dir: Optional[Path] = None
     """Reconstruction cache folder; None = <data>/.dust3r_cache (or ~/.cache/dust3r_ns/nerfstudio if read-only)."""
     use_cache: bool = True
@@ -116,32 +106,26 @@ class Dust3rDataParser(DataParser):
         """Photo indices of the last split returned."""
 
     # ------------------------------------------------------------------ reconstruction
-    def _device(self) -> str:
-        return self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
     def _options(self) -> dict:
+        """The options that change the reconstruction (part of the cache key; device and budgets are not)."""
         c = self.config
-        return {"image_size": c.image_size, "scene_graph": c.scene_graph, "align_mode": c.align_mode,
-                "align_niter": c.align_niter, "shared_focal": c.shared_focal, "conf_thr": c.conf_thr,
-                "amp": c.amp}
+        align = {k: v for k, v in dataclasses.asdict(c.align).items() if k not in ("device", "memory_limit_bytes")}
+        return {"pairs": dataclasses.asdict(c.pairs), "align": align, "conf_thr": c.points.conf_thr,
+                "amp": c.network.amp}
 
     def _build(self, model: str, paths: list[Path]):
-        from dust3r_ns.align import global_align
-        from dust3r_ns.cli import run_pairs
-
         c = self.config
-        dev = self._device()
-        print(f"dust3r: reconstructing {len(paths)} photos on {dev} (cached afterwards)", file=sys.stderr)
-        _, output = run_pairs([str(p) for p in paths], model, c.image_size, c.scene_graph, dev, c.batch_size, c.amp)
+        network = dataclasses.replace(c.network, model=model, device=resolve_device(c.network.device))
+        print(f"dust3r: reconstructing {len(paths)} photos on {network.device} (cached afterwards)", file=sys.stderr)
+        preds = run_pairs([str(p) for p in paths], network, c.pairs)
         try:
-            rec = global_align(output, mode=c.align_mode, device=dev, niter=c.align_niter,
-                               shared_focal=c.shared_focal, conf_thr=c.conf_thr, verbose=True)
+            rec = align(preds, c.align, c.points, network.device)
         except ValueError as e:  # AlignError / ReconstructionError: unusable predictions
             raise SceneError(f"{c.data}: global alignment failed ({e}); the model's predictions for these photos are "
                              "unusable: check --model (the bundled model only knows synthetic scenes), the photos' "
-                             "overlap, or try --align-mode baseline") from e
-        del output
-        if dev.startswith("cuda"):
+                             "overlap, or try --align.mode baseline") from e
+        del preds
+        if network.device.startswith("cuda"):
             torch.cuda.empty_cache()  # give the network's memory back before splatting starts
         return rec
 
@@ -150,12 +134,7 @@ class Dust3rDataParser(DataParser):
         if self.scene is None:
             c = self.config
             photos = list_images(Path(c.data))
-            if c.model is None:
-                from dust3r_ns.cli import default_model_source
-
-                model = default_model_source()
-            else:
-                model = c.model
+            model = c.network.model or default_model_source()
             cache_dir = Path(c.cache_dir) if c.cache_dir is not None else default_cache_dir(Path(c.data))
             self.scene = load_or_build(photos, cache_dir, model_identity(model), self._options(),
                                        lambda paths: self._build(model, paths), use_cache=c.use_cache)
@@ -182,7 +161,6 @@ class Dust3rDataParser(DataParser):
         c = self.config
         scene = self.get_scene()
         rec = scene.rec
-        n = len(rec)
 
         # poses: OpenCV -> OpenGL camera axes, world permutation, orientation + centring, scale
         c2w_gl = cv.opencv_to_opengl_c2w(np.asarray(rec.c2w, dtype=np.float64))
@@ -190,10 +168,11 @@ class Dust3rDataParser(DataParser):
         poses, orient = camera_utils.auto_orient_and_center_poses(
             poses, method=c.orientation_method, center_method=c.center_method)
         transform = orient.double().numpy() @ WORLD_PERMUTATION  # (3,4): reconstruction world -> nerfstudio world
-        xyz, rgb, src = rec.pointcloud(conf_thr=c.conf_thr, max_points=c.max_points or None)
+        conf_thr = c.points.conf_thr
+        xyz, rgb, src = rec.pointcloud(conf_thr=conf_thr, max_points=c.points.max_points or None)
         if len(xyz) < 4:
-            raise SceneError(f"{c.data}: only {len(xyz)} reconstructed points have confidence > {c.conf_thr}; "
-                             "lower --pipeline.datamanager.dataparser.conf-thr or add overlapping photos")
+            raise SceneError(f"{c.data}: only {len(xyz)} reconstructed points have confidence > {conf_thr}; "
+                             "lower --conf-thr (after the dust3r subcommand) or add overlapping photos")
         xyz_t = np.asarray(xyz, dtype=np.float64) @ transform[:, :3].T + transform[:, 3]
         scale = 1.0
         if c.auto_scale_poses:

@@ -1,0 +1,138 @@
+"""The job every entry point runs: photos -> views -> pair graph -> `PairPredictions` -> `Reconstruction`.
+
+The options are declared here once, as small frozen dataclasses that the CLI subcommands, `reconstruct` and the
+nerfstudio dataparser embed: `NetworkConfig` (which checkpoint, where, how), `PairsConfig` (preprocessing size and
+pair graph), `align.AlignConfig` (the aligner) and `PointsConfig` (which points count as the reconstruction's).
+The functions below are the steps, each usable alone; `reconstruct_images` chains them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Sequence
+
+import torch
+import tyro
+
+from dust3r_ns.align import AlignConfig, global_align
+from dust3r_ns.images import View, load_images
+from dust3r_ns.inference import inference
+from dust3r_ns.model.checkpoint import load_model
+from dust3r_ns.pairs import default_scene_graph, make_pairs
+from dust3r_ns.predictions import PairPredictions
+from dust3r_ns.scene import Reconstruction
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Which DUSt3R checkpoint runs, where and how."""
+
+    model: Optional[str] = None
+    """Checkpoint: .pth, Hugging Face folder, or hub name; None: the bundled model (synthetic scenes only)."""
+    device: Optional[str] = None
+    """Torch device of the network; None: cuda when available, else cpu."""
+    batch_size: int = 8
+    """Pairs per decoder batch (bounds memory)."""
+    amp: Optional[Literal["bf16", "fp16"]] = None
+    """Mixed precision for encoder and decoder (heads stay float32); None: float32."""
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """How photos become network inputs and which pairs the network sees."""
+
+    image_size: Annotated[Optional[int], tyro.conf.arg(aliases=("--size",))] = None
+    """Network image size (224 or 512); None: from the model."""
+    scene_graph: Optional[str] = None
+    """complete, swin-k, logwin-k, oneref-k (+ -noncyclic); None: chosen from the number of images."""
+
+
+@dataclass(frozen=True)
+class PointsConfig:
+    """Which reconstructed pixels become the point cloud (exports, splat seeds)."""
+
+    conf_thr: float = 3.0
+    """Confidence threshold of the points."""
+    max_points: int = 100_000
+    """Point cap (voxel down-sampling keeps the most confident point per voxel); 0: no cap."""
+
+    def __post_init__(self) -> None:
+        if self.max_points < 0:
+            raise ValueError(f"max_points must be >= 0 (0 = no cap), got {self.max_points}")
+
+
+# Embedded in command configs: network, pair and point options keep their short flags (--model, --size, ...);
+# alignment options are --align.NAME (with the older spellings --align-mode, --niter, ... as aliases).
+Network = Annotated[NetworkConfig, tyro.conf.OmitArgPrefixes]
+Pairs = Annotated[PairsConfig, tyro.conf.OmitArgPrefixes]
+Points = Annotated[PointsConfig, tyro.conf.OmitArgPrefixes]
+
+
+def default_model_source() -> str:
+    """The bundled model (trained on synthetic scenes only), with a note saying so."""
+    found = sorted(p for p in DEFAULT_WEIGHTS.glob("*") if (p / "config.json").exists())
+    if not found:
+        raise ValueError("no model given and no bundled model installed; pass --model with a .pth file, a Hugging "
+                         "Face folder (config.json + model.safetensors) or a hub name such as "
+                         "naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt")
+    print(f"note: using the bundled model {found[0].name}: it only knows synthetic scenes; for real photos pass "
+          "--model naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt (or a downloaded .pth / HF folder)", file=sys.stderr)
+    return str(found[0])
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """The device to use: as given, or cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_network(cfg: NetworkConfig) -> torch.nn.Module:
+    """The checkpoint of `cfg.model` (or the bundled one) on `cfg.device`, ready for inference."""
+    return load_model(cfg.model or default_model_source(), device=resolve_device(cfg.device))
+
+
+def image_size_of(net: torch.nn.Module) -> int:
+    """Preprocessing size implied by the model: 224 for 224 models, else 512."""
+    size = net.config["img_size"]
+    side = max(size) if isinstance(size, (tuple, list)) else int(size)
+    return 224 if side <= 224 else 512
+
+
+def load_views(images: Sequence[str | Path] | str | Path, pairs: PairsConfig, net: torch.nn.Module) -> list[View]:
+    """Preprocessed views of image files or of one folder, at the configured size (default: the model's)."""
+    if not isinstance(images, (str, Path)):
+        images = list(images)
+        if len(images) == 1:
+            images = images[0]
+    return load_images(images, size=pairs.image_size or image_size_of(net))
+
+
+def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConfig = PairsConfig(),
+              verbose: bool = True) -> PairPredictions:
+    """Load the model and the images, build the pair graph and run the engine on every pair."""
+    net = load_network(network)
+    views = load_views(images, pairs, net)
+    graph = pairs.scene_graph or default_scene_graph(len(views))
+    pair_list = make_pairs(views, scene_graph=graph, symmetrize=True)
+    if verbose:
+        print(f"{len(views)} images, scene graph {graph}: {len(pair_list)} ordered pairs", file=sys.stderr)
+    return inference(pair_list, net, device=resolve_device(network.device), batch_size=network.batch_size,
+                     amp=network.amp, verbose=verbose)
+
+
+def align(preds: PairPredictions, cfg: AlignConfig = AlignConfig(), points: PointsConfig = PointsConfig(),
+          device: Optional[str] = None, verbose: bool = True) -> Reconstruction:
+    """Global alignment of the predictions; the aligner's device defaults to `device` (the network's)."""
+    cfg = cfg.replace(device=cfg.device or resolve_device(device))
+    return global_align(preds, cfg, conf_thr=points.conf_thr, verbose=verbose)
+
+
+def reconstruct_images(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConfig = PairsConfig(),
+                       align_cfg: AlignConfig = AlignConfig(), points: PointsConfig = PointsConfig(),
+                       verbose: bool = True) -> tuple[PairPredictions, Reconstruction]:
+    """Photos -> (pair predictions, reconstruction)."""
+    preds = run_pairs(images, network, pairs, verbose)
+    return preds, align(preds, align_cfg, points, network.device, verbose)
