@@ -21,6 +21,7 @@ from nerfstudio.plugins.types import MethodSpecification
 
 from dust3r_ns.nerfstudio.dataparser import Dust3rDataParserConfig
 from dust3r_ns.nerfstudio.model import Dust3rSplatfactoModelConfig
+from dust3r_ns.pipeline import PointsConfig
 
 MAX_ITERS = 30_000
 
@@ -47,8 +48,8 @@ def make_config() -> TrainerConfig:
         machine=MachineConfig(device_type="cuda" if cuda else "cpu"),
         pipeline=VanillaPipelineConfig(
             datamanager=FullImageDatamanagerConfig(
-                # fewer seed points on the slow CPU path (~1 s/iteration at 128x96 with 20k Gaussians)
-                dataparser=Dust3rDataParserConfig(max_points=100_000 if cuda else 20_000),
+                # fewer seed points on the slow CPU path (its time per iteration grows with the Gaussians)
+                dataparser=Dust3rDataParserConfig(points=PointsConfig(max_points=100_000 if cuda else 20_000)),
                 cache_images_type="uint8"),
             model=Dust3rSplatfactoModelConfig(),
         ),
