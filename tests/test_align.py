@@ -15,7 +15,7 @@ from dust3r_ns.align.data import parse_output
 from dust3r_ns.align.geometry import umeyama
 
 
-from dust3r_ns.align.toy import make_pairs_output
+from dust3r_ns.synth.toy import make_pairs_output
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -414,9 +414,9 @@ def test_joint_step_recovers_perturbed_cameras(pin):
     and edge translations perturbed: each joint step is a Gauss-Newton step on cameras and edges together, so two
     (three with rotations) land on the truth to float32 precision, where block-coordinate descent needs tens of
     iterations; known cameras do not move."""
-    from dust3r_ns.align.bench import pose_metrics
     from dust3r_ns.align.core import State, fit_edges, fit_edges_joint
     from dust3r_ns.align.geometry import so3_exp
+    from dust3r_ns.metrics import pose_metrics
 
     out, gt = make_pairs_output(n=5, noise=0.0, seed=3)
     data = parse_output(out, "cpu", torch.float32)
