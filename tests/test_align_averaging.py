@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from dust3r_ns.align import global_align
-from dust3r_ns.align.averaging import pose_graph_average, so3_log
+from dust3r_ns.align.averaging import pose_graph_average
 from dust3r_ns.align.data import parse_output
 from dust3r_ns.align.init import mst_init
 from dust3r_ns.align.problem import Constraints
-from dust3r_ns.geometry import so3_exp
+from dust3r_ns.geometry import so3_exp, so3_log
 from dust3r_ns.synth.toy import make_pairs_output
 from dust3r_ns.metrics import pose_metrics
 

@@ -15,20 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from dust3r_ns.geometry import rotmat_to_quat, so3_exp
+from dust3r_ns.geometry import so3_exp, so3_log
 
 from .data import PairData
 from .moments import Moments
 from .problem import edge_chunks
-
-
-def so3_log(R: torch.Tensor) -> torch.Tensor:
-    """Axis-angle (...,3) of rotation matrices (...,3,3), angle in [0, pi] (through the unit quaternion)."""
-    q = rotmat_to_quat(R)
-    v, w = q[..., :3], q[..., 3:]
-    n = v.norm(dim=-1, keepdim=True)
-    ang = 2 * torch.atan2(n, w)
-    return torch.where(n > 1e-12, v * ang / n.clamp_min(1e-30), 2 * v)
 
 
 def relative_similarities(data: PairData, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
