@@ -55,7 +55,7 @@ def _bench(argv: list[str]) -> None:
     if argv[0] == "inference":
         from dust3r_ns.bench.inference import InferenceBenchConfig as Config, run
     elif argv[0] == "align":
-        from dust3r_ns.align.bench import AlignBenchConfig as Config, run  # type: ignore[no-redef]
+        from dust3r_ns.bench.align import AlignBenchConfig as Config, run  # type: ignore[no-redef]
     else:
         from dust3r_ns.bench.model_eval import ModelEvalConfig as Config, run  # type: ignore[no-redef]
     run(tyro.cli(Config, args=argv[1:], prog=f"dust3r-ns bench {argv[0]}"))

@@ -8,19 +8,20 @@ import math
 import numpy as np
 import torch
 
-from dust3r_ns.align.geometry import umeyama as _umeyama
+from dust3r_ns.geometry import umeyama
 
 
 def umeyama_sim3(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """(s, R (3,3), t (3,)) minimising sum ||dst - (s R src + t)||^2 for point sets src, dst (N,3), N >= 1."""
+    """(s, R (3,3), t (3,)) minimising sum ||dst - (s R src + t)||^2 for point sets src, dst (N,3), N >= 1
+    (`dust3r_ns.geometry.umeyama` in float64; one point or a degenerate fit: s = 1, R = I, t the mean shift)."""
     src = np.asarray(src, np.float64)
     dst = np.asarray(dst, np.float64)
     if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 3 or len(src) < 1:
         raise ValueError(f"umeyama_sim3: need two (N,3) arrays of equal shape, got {src.shape} and {dst.shape}")
-    # shift to the source/target means in float64 first: the shared solver accumulates moments in float32
+    # centred first: the moments' covariance E[y x^T] - my mx^T then involves no cancellation
     ms, md = src.mean(0), dst.mean(0)
-    s, R, _ = _umeyama(torch.from_numpy(src - ms)[None], torch.from_numpy(dst - md)[None])
-    s, R = float(s[0]), R[0].double().numpy()
+    s, R, _ = umeyama(torch.from_numpy(src - ms)[None], torch.from_numpy(dst - md)[None])
+    s, R = float(s[0]), R[0].numpy()
     if len(src) < 2 or not np.isfinite(s):
         s, R = 1.0, np.eye(3)
     return s, R, md - s * R @ ms

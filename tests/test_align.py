@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from dust3r_ns.align import AlignError, estimate_memory, global_align
-from dust3r_ns.align.core import Constraints, mst_init, objective
-from dust3r_ns.align.data import parse_output
-from dust3r_ns.align.geometry import umeyama
-
-
-from dust3r_ns.align.toy import make_pairs_output
+from dust3r_ns.align.data import PairData, parse_output
+from dust3r_ns.align.init import mst_init
+from dust3r_ns.align.problem import Constraints, objective
+from dust3r_ns.geometry import umeyama
+from dust3r_ns.synth.toy import make_pairs_output
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -252,7 +251,7 @@ def test_cuda_matches_cpu():
 
 
 def test_gauged_scales_meet_the_gauge_and_beat_free_fit_plus_rescale():
-    from dust3r_ns.align.geometry import gauged_scales
+    from dust3r_ns.align.moments import gauged_scales
 
     g = torch.Generator().manual_seed(0)
     a = torch.rand(20, generator=g, dtype=torch.float64) + 0.5
@@ -376,7 +375,7 @@ def test_degenerate_predictions_give_a_finite_result():
 def test_median_depth_matches_per_pixel_weighted_median():
     """The vectorised full-resolution depth start: per pixel, the first sorted candidate depth at which the log-conf
     weight reaches half the total, same result in one chunk and in many (images of a swin-like, uneven graph)."""
-    from dust3r_ns.align.fast import median_depth
+    from dust3r_ns.align.depths import median_depth
 
     out, _ = make_pairs_output(n=5, shapes=[(12, 16)] * 5, noise=0.02, seed=3,
                                edges=[(0, 1), (1, 0), (1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (0, 4), (4, 0)])
@@ -414,9 +413,10 @@ def test_joint_step_recovers_perturbed_cameras(pin):
     and edge translations perturbed: each joint step is a Gauss-Newton step on cameras and edges together, so two
     (three with rotations) land on the truth to float32 precision, where block-coordinate descent needs tens of
     iterations; known cameras do not move."""
-    from dust3r_ns.align.bench import pose_metrics
-    from dust3r_ns.align.core import State, fit_edges, fit_edges_joint
-    from dust3r_ns.align.geometry import so3_exp
+    from dust3r_ns.align.edges import fit_edges, fit_edges_joint
+    from dust3r_ns.align.problem import State
+    from dust3r_ns.geometry import so3_exp
+    from dust3r_ns.metrics import pose_metrics
 
     out, gt = make_pairs_output(n=5, noise=0.0, seed=3)
     data = parse_output(out, "cpu", torch.float32)
@@ -492,22 +492,23 @@ def test_full_resolution_polish_lowers_the_loss():
 
 def test_camera_fit_chunks_give_the_unchunked_solution(monkeypatch):
     """The camera fit's normal equations accumulated over pixel chunks equal the one-chunk ones."""
-    import dust3r_ns.align.core as core
+    import dust3r_ns.align.cameras as cameras
+    from dust3r_ns.align.problem import world_points
 
     synth = pytest.importorskip("dust3r_ns.synth")
     data = _noisy_synth_data(synth, 9)
     cons = Constraints()
     st = mst_init(data, cons)
-    from dust3r_ns.align.fast import accumulate_targets
+    from dust3r_ns.align.depths import accumulate_targets
 
-    X = core.world_points(st.c2w, st.focal, st.pp, st.depth, data.stride)
+    X = world_points(st.c2w, st.focal, st.pp, st.depth, data.stride)
     Y, A = accumulate_targets(data, st, X, 1e-4)
     g = torch.Generator().manual_seed(1)
     c2w = st.c2w.clone()
     c2w[:, :3, 3] += 0.02 * torch.randn(data.n_images, 3, generator=g)     # something for the fit to do
-    one = core.fit_cameras(Y, A, c2w, st.focal * 1.05, st.pp, cons, iters=3)
-    monkeypatch.setattr(core, "CAM_FIT_CHUNK", 27 * data.n_images * 100)      # 100 pixels per chunk
-    many = core.fit_cameras(Y, A, c2w, st.focal * 1.05, st.pp, cons, iters=3)
+    one = cameras.fit_cameras(Y, A, c2w, st.focal * 1.05, st.pp, cons, iters=3)
+    monkeypatch.setattr(cameras, "CAM_FIT_CHUNK", 27 * data.n_images * 100)      # 100 pixels per chunk
+    many = cameras.fit_cameras(Y, A, c2w, st.focal * 1.05, st.pp, cons, iters=3)
     assert not torch.allclose(one[0], c2w)
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

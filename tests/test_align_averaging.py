@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from dust3r_ns.align import global_align
-from dust3r_ns.align.averaging import pose_graph_average, so3_log
-from dust3r_ns.align.core import Constraints, mst_init
+from dust3r_ns.align.averaging import pose_graph_average
 from dust3r_ns.align.data import parse_output
-from dust3r_ns.align.geometry import so3_exp
-from dust3r_ns.align.toy import make_pairs_output
+from dust3r_ns.align.init import mst_init
+from dust3r_ns.align.problem import Constraints
+from dust3r_ns.geometry import so3_exp, so3_log
+from dust3r_ns.synth.toy import make_pairs_output
 from dust3r_ns.metrics import pose_metrics
 
 
@@ -76,7 +77,7 @@ def test_fast_mode_on_swin_graph_converges_sooner_with_global_step(seed):
     (Before the solver's joint camera/edge step the tree start stopped at the 100-iteration cap, ATE 0.88% and 1.05%
     against 0.71% and 0.53% from the averaged start; with it both starts reach the same optimum, ATE 0.31%/0.27% at
     seed 0 and 0.28%/0.27% at seed 1, and the averaged start in fewer iterations: 37/47 and 41/49.)"""
-    from dust3r_ns.align.bench import make_case
+    from dust3r_ns.bench.align import make_case
 
     out, gt = make_case("synth", 20, 24, 32, "swin-2", 0.01, seed)
     on = global_align(out, verbose=False)             # default: global step on

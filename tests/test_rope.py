@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dust3r_ns.model.rope import RoPE2D, make_rope2d
+from dust3r_ns.model.rope import RoPE2D
+from dust3r_ns.model.rope_ext import make_rope2d
 from dust3r_ns.model.rope_ext import CSRC, RoPE2DExt, cuda_home, cuda_include_paths, get_extension
 
 NO_EXT = os.environ.get("DUST3R_NS_NO_EXT", "") not in ("", "0")
@@ -77,7 +78,7 @@ def test_factory_backends(ext):
 
 
 def test_fallback_notice_when_disabled(tmp_path):
-    code = ("import torch; from dust3r_ns.model.rope import make_rope2d, RoPE2D; "
+    code = ("import torch; from dust3r_ns.model.rope import RoPE2D; from dust3r_ns.model.rope_ext import make_rope2d; "
             "r = make_rope2d(100.0); assert type(r) is RoPE2D; print('ok')")
     env = dict(os.environ, DUST3R_NS_NO_EXT="1")
     res = subprocess.run(["python", "-c", code], capture_output=True, text=True, env=env, timeout=120)

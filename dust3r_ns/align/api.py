@@ -13,10 +13,12 @@ import torch
 from dust3r_ns.scene import Reconstruction
 
 from .baseline import solve_baseline
-from .core import Constraints, State, apply_known_poses, fit_edges, mst_init, objective, sub_depth
 from .config import AlignConfig
 from .data import AlignError, PairData, as_predictions, pair_data
+from .edges import fit_edges
 from .fast import POLISH_ITER, auto_stride, solve_fast
+from .init import mst_init
+from .problem import Constraints, State, apply_known_poses, objective, sub_depth
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -15,31 +15,26 @@ from __future__ import annotations
 
 import torch
 
-from .core import _chunks
+from dust3r_ns.geometry import so3_exp, so3_log
+
 from .data import PairData
-from .geometry import Moments, rotmat_to_quat, so3_exp
-
-
-def so3_log(R: torch.Tensor) -> torch.Tensor:
-    """Axis-angle (...,3) of rotation matrices (...,3,3), angle in [0, pi] (through the unit quaternion)."""
-    q = rotmat_to_quat(R)
-    v, w = q[..., :3], q[..., 3:]
-    n = v.norm(dim=-1, keepdim=True)
-    ang = 2 * torch.atan2(n, w)
-    return torch.where(n > 1e-12, v * ang / n.clamp_min(1e-30), 2 * v)
+from .moments import Moments
+from .problem import edge_chunks
 
 
 def relative_similarities(data: PairData, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per edge (i, j): (rho (E,), R (E,3,3), t (E,3)) of the map from j's own frame into i's own frame.
+    """Per edge (i, j): (rho [E], R [E, 3, 3], t [E, 3]) of the map from j's own frame into i's own frame.
 
-    own: (N,h,w,3) each image's points in its own camera frame, on the data's grid.
+    own: [N, h, w, 3] each image's points in its own camera frame, on the data's grid. The edge's two point maps
+    are fitted by the own maps of i and j (pts1 ~ s_i Q_i own_i + u_i, pts2 ~ s_j Q_j own_j + u_j); eliminating the
+    edge's frame gives rho = s_j / s_i, R = Q_i^T Q_j, t = Q_i^T (u_j - u_i) / s_i.
     """
     e = data.edges
     valid = data.valid()
     fits = []
     for side, pts, col in ((1, data.pts1, 0), (2, data.pts2, 1)):
         m = Moments(data.n_edges)
-        for sl in _chunks(data):
+        for sl in edge_chunks(data):
             n = e[sl, col]
             w = data.weights(side, sl) * valid[n]
             b = w.shape[0]
@@ -54,7 +49,7 @@ def relative_similarities(data: PairData, own: torch.Tensor) -> tuple[torch.Tens
 
 def _laplacian_solve(i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, rhs: torch.Tensor, N: int,
                      gauge: int) -> torch.Tensor:
-    """x (N,k) minimising sum_e w_e ||x_j - x_i - rhs_e||^2 with x[gauge] = 0 (float64, dense)."""
+    """x [N, k] minimising sum_e w_e ||x_j - x_i - rhs_e||^2 with x[gauge] = 0 (float64, dense graph Laplacian)."""
     L = torch.zeros(N, N, dtype=torch.float64)
     L.index_put_((i, i), w, accumulate=True)
     L.index_put_((j, j), w, accumulate=True)
@@ -71,7 +66,9 @@ def _laplacian_solve(i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, rhs: tor
 
 
 def average_rotations(i, j, Rrel, w, R0, gauge: int, iters: int = 30, delta: float = 0.02) -> torch.Tensor:
-    """Rotations R (N,3,3) with R_j ~ R_i Rrel_e: IRLS Lie-algebraic averaging from R0 (weights w / max(|r|, delta))."""
+    """Rotations R [N, 3, 3] with R_j ~ R_i Rrel_e: IRLS Lie-algebraic averaging from R0. Each iteration solves the
+    linearised residuals r_e = log(R_i Rrel_e R_j^T) ~ om_j - om_i for increments om (weights w / max(|r|, delta))
+    and updates R <- exp(om) R, until the largest increment is below 1e-9 rad."""
     R = R0.clone()
     N = R.shape[0]
     for _ in range(iters):
@@ -97,11 +94,11 @@ def _robust_ls(i, j, w, rhs: torch.Tensor, N: int, gauge: int, iters: int = 10, 
 @torch.no_grad()
 def pose_graph_average(data: PairData, own: torch.Tensor, score: torch.Tensor, R0: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lam (N,), R (N,3,3), C (N,3)) such that lam_n R_n own_n + C_n is image n's world point map.
+    """(lam [N], R [N, 3, 3], C [N, 3]) such that lam_n R_n own_n + C_n is image n's world point map.
 
-    own: (N,h,w,3) own-frame point maps on the data's grid (at initialisation: pts1 of each image's best edge as
-    first view; during the fast iterations: the current depth maps back-projected); score: (E,) edge weights;
-    R0: (N,3,3) starting rotations (spanning-tree chaining, or the current cameras).
+    own: [N, h, w, 3] own-frame point maps on the data's grid (pts1 of each image's best edge as first view);
+    score: [E] edge weights; R0: [N, 3, 3] starting rotations (the spanning-tree chaining). Self-edges and
+    non-finite relative similarities are left out; the log-scales are centred (geometric mean of lam = 1).
     """
     N = data.n_images
     e = data.edges.cpu()

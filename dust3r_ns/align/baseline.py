@@ -12,9 +12,11 @@ import time
 
 import torch
 
-from .core import BASE_SCALE, Constraints, State, areas
+from dust3r_ns.geometry import quat_to_rotmat, rotmat_to_quat
+
 from .data import PairData
-from .geometry import pixel_grid, quat_to_rotmat, rotmat_to_quat
+from .pinhole import pixel_grid
+from .problem import BASE_SCALE, Constraints, State, areas
 
 FOCAL_BREAK = 20.0
 PP_BREAK = 10.0
@@ -38,7 +40,6 @@ def solve_baseline(data: PairData, st: State, cons: Constraints, niter: int = 30
     """Adam on all parameters with the reference objective (all edges in one autograd graph). Updates `st`."""
     dev = st.depth.device
     N, H, W = st.depth.shape
-    E = data.n_edges
     log_depth = torch.nn.Parameter(st.depth.clamp_min(1e-8).log())
     q_im = torch.nn.Parameter(rotmat_to_quat(st.c2w[:, :3, :3]))
     t_im = torch.nn.Parameter(_signed_log1p(st.c2w[:, :3, 3]))

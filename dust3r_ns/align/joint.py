@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .geometry import so3_exp
+from dust3r_ns.geometry import so3_exp
+
+from .problem import State
 
 MAX_ANGLE = 0.05          # rad: a larger rotation increment scales the whole step down (the rotations are linearised)
 SCALE_RANGE = (0.5, 2.0)  # bounds of one step's depth-map, focal and edge scale factors
@@ -52,7 +54,7 @@ _A, _B = _bases()
 
 
 def joint_moments(X: torch.Tensor, P: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum w z z^T with z = [X; P; 1] per batch entry: X, P channels-first (b,3,M), w (b,M) -> (b,7,7) float64."""
+    """sum w z z^T with z = [X; P; 1] per batch entry: X, P channels-first [b, 3, M], w [b, M] -> [b, 7, 7] float64."""
     b, _, M = X.shape
     Z = torch.empty(b, 7, M, device=X.device, dtype=X.dtype)
     Z[:, :3] = X
@@ -62,7 +64,8 @@ def joint_moments(X: torch.Tensor, P: torch.Tensor, w: torch.Tensor) -> torch.Te
 
 
 def umeyama_sums(M7: torch.Tensor) -> torch.Tensor:
-    """The (b,5,4) moments of `geometry.Moments` (source P, target X) read from `joint_moments` (b,7,7)."""
+    """The [b, 5, 4] Procrustes moments (source P, target X; layout of `dust3r_ns.geometry.procrustes_moments`) read
+    from `joint_moments` [b, 7, 7]."""
     G = torch.zeros(M7.shape[0], 5, 4, dtype=M7.dtype, device=M7.device)
     G[:, :3, :3] = M7[:, :3, 3:6]                                   # sum w X P^T
     G[:, :3, 3] = M7[:, :3, 6]                                      # sum w X
@@ -73,16 +76,17 @@ def umeyama_sums(M7: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def joint_step(edges: torch.Tensor, st, M7: torch.Tensor, pose_fixed: torch.Tensor | None = None,
+def joint_step(edges: torch.Tensor, st: State, M7: torch.Tensor, pose_fixed: torch.Tensor | None = None,
                focal_free: torch.Tensor | None = None, gauge: bool = True,
                focal_range: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor | None:
     """Move the cameras (rotation about the centre, centre, focal) and edges (similarity) of `st` in place by the
-    joint Gauss-Newton step; returns the factors (N,) by which to scale each image's depth map (None: step skipped,
+    joint Gauss-Newton step; returns the factors [N] by which to scale each image's depth map (None: step skipped,
     the system being singular or non-finite).
 
-    edges (E,2) image indices; M7 (E,2,7,7) `joint_moments` (any device); pose_fixed: (N,) bool cameras whose pose
-    stays put (known poses); focal_free: (N,) bool focals the step may change (None: none); gauge: hold the sum of
-    the edge log-scales; focal_range: bounds of the focals after the step.
+    edges [E, 2] image indices; M7 [E, 2, 7, 7] `joint_moments` (any device); pose_fixed: [N] bool cameras whose pose
+    stays put (known poses); focal_free: [N] bool focals the step may change (None: none); gauge: hold the sum of
+    the edge log-scales; focal_range: bounds of the focals after the step. A step whose largest rotation increment
+    exceeds MAX_ANGLE is scaled down to it; scale factors are clamped to SCALE_RANGE.
     """
     E = edges.shape[0]
     N = st.c2w.shape[0]
@@ -90,9 +94,9 @@ def joint_step(edges: torch.Tensor, st, M7: torch.Tensor, pose_fixed: torch.Tens
     M7 = M7.to("cpu", f64)
     img = edges.cpu()
     Rc = st.c2w[:, :3, :3].to("cpu", f64)
-    C = st.c2w[:, :3, 3].to("cpu", f64)                                            # (N,3)
-    sR = (st.s[:, None, None] * st.R).to("cpu", f64)                                # (E,3,3)
-    t = st.t.to("cpu", f64)                                                         # (E,3)
+    C = st.c2w[:, :3, 3].to("cpu", f64)                                           # [N, 3]
+    sR = (st.s[:, None, None] * st.R).to("cpu", f64)                              # [E, 3, 3]
+    t = st.t.to("cpu", f64)                                                        # [E, 3]
     eye = torch.eye(3, dtype=f64)
     # z_a = [X - C_n; 1] = Ta z, z_b = [s R P; 1] = Tb z with z = [X; P; 1]
     Ta = torch.zeros(E, 2, 4, 7, dtype=f64)
@@ -111,17 +115,17 @@ def joint_step(edges: torch.Tensor, st, M7: torch.Tensor, pose_fixed: torch.Tens
     Ra[..., 3] = C[img] - t[:, None]
     Rb = torch.zeros(3, 4, dtype=f64)
     Rb[:, :3] = eye
-    ra = Ra @ Maa - Rb @ Mab.transpose(-1, -2)                                      # (E,2,3,4) sum w r z_a^T
+    ra = Ra @ Maa - Rb @ Mab.transpose(-1, -2)                                   # [E, 2, 3, 4] sum w r z_a^T
     rb = Ra @ Mab - Rb @ Mbb                                                        # sum w r z_b^T
-    Q = -Rc @ torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=f64)) @ Rc.transpose(1, 2)   # (N,3,3)
+    Q = -Rc @ torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=f64)) @ Rc.transpose(1, 2)   # [N, 3, 3]
     A = _A.expand(E, 2, 4, 3, NU).clone()
     A[..., :3, :, 7] = Q[img].transpose(-1, -2)                                     # phi Q a = sum_k a_k Q[:, k] phi
     B = _B
-    Hcc = torch.einsum("eskxa,eskl,eslxb->esab", A, Maa, A)                         # (E,2,NU,NU)
-    Hce = torch.einsum("eskxa,eskl,lxb->esab", A, Mab, B)                           # (E,2,NU,NE)
-    Hee = torch.einsum("kxa,eskl,lxb->eab", B, Mbb, B)                              # (E,NE,NE) both sides
-    gc = torch.einsum("eskxa,esxk->esa", A, ra)                                     # (E,2,NU)
-    ge = torch.einsum("kxa,esxk->ea", B, rb)                                        # (E,NE)
+    Hcc = torch.einsum("eskxa,eskl,eslxb->esab", A, Maa, A)                      # [E, 2, NU, NU]
+    Hce = torch.einsum("eskxa,eskl,lxb->esab", A, Mab, B)                        # [E, 2, NU, NE]
+    Hee = torch.einsum("kxa,eskl,lxb->eab", B, Mbb, B)                            # [E, NE, NE] both sides
+    gc = torch.einsum("eskxa,esxk->esa", A, ra)                                   # [E, 2, NU]
+    ge = torch.einsum("kxa,esxk->ea", B, rb)                                       # [E, NE]
     good = M7[..., 6, 6].sum(1) > 0                                                 # edges with weight
     # edges: Hee x_e = -(ge + sum_side Hce^T x_side + lam u), u = the scale entry
     damp = 1e-12 * Hee.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
@@ -139,8 +143,8 @@ def joint_step(edges: torch.Tensor, st, M7: torch.Tensor, pose_fixed: torch.Tens
     Hc = torch.zeros(E, 2 * NU, 2 * NU, dtype=f64)
     Hc[:, :NU, :NU] = Hcc[:, 0]
     Hc[:, NU:, NU:] = Hcc[:, 1]
-    He = torch.cat([Hce[:, 0], Hce[:, 1]], 1)                                        # (E,2NU,NE)
-    gcat = torch.cat([gc[:, 0], gc[:, 1]], 1)                                        # (E,2NU)
+    He = torch.cat([Hce[:, 0], Hce[:, 1]], 1)                                      # [E, 2NU, NE]
+    gcat = torch.cat([gc[:, 0], gc[:, 1]], 1)                                       # [E, 2NU]
     HeHinv = He @ Hinv
     blocks = Hc - HeHinv @ He.transpose(1, 2)                                        # Schur complement, per edge
     S.index_put_((idx[:, :, None].expand(-1, -1, 2 * NU), idx[:, None, :].expand(-1, 2 * NU, -1)), blocks,
@@ -173,7 +177,7 @@ def joint_step(edges: torch.Tensor, st, M7: torch.Tensor, pose_fixed: torch.Tens
     rhs_e = ge + (He.transpose(1, 2) @ xcat[..., None])[..., 0]
     if use_gauge:
         rhs_e[:, 3] += x[n]
-    xe = -(Hinv @ rhs_e[..., None])[..., 0]                                          # (E,NE)
+    xe = -(Hinv @ rhs_e[..., None])[..., 0]                                         # [E, NE]
     if not (torch.isfinite(xc).all() and torch.isfinite(xe).all()):
         return None
     ang = max(float(xc[:, :3].norm(dim=1).max()), float(xe[:, :3].norm(dim=1).max()))

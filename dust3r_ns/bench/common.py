@@ -1,4 +1,4 @@
-"""Benchmark helpers: median timing, this machine's float32 matmul rate, child-process peak RSS."""
+"""Benchmark helpers: size parsing, median timing, this machine's float32 matmul rate, child-process peak RSS."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ import statistics
 import time
 
 import torch
+
+
+def parse_hw(size: str) -> tuple[int, int]:
+    """'HxW' (e.g. '96x128') -> (H, W)."""
+    try:
+        h, w = (int(x) for x in size.lower().split("x"))
+    except ValueError as e:
+        raise ValueError(f"size must look like 96x128 (HxW), got {size!r}") from e
+    return h, w
 
 
 def median_time(fn, repeats: int, warmup: int = 0) -> tuple[float, list[float]]:

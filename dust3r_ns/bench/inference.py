@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dust3r_ns.bench.common import parse_hw
+
 
 @dataclass
 class InferenceBenchConfig:
@@ -39,11 +41,6 @@ class InferenceBenchConfig:
     """Optional path for the results as JSON."""
 
 
-def _hw(size: str) -> tuple[int, int]:
-    h, w = (int(v) for v in size.lower().split("x"))
-    return h, w
-
-
 def _model(tiny: bool, name: str):
     from dust3r_ns.model.network import AsymmetricCroCo3DStereo
 
@@ -58,7 +55,7 @@ def _model(tiny: bool, name: str):
 def _pairs(n: int, size: str):
     from dust3r_ns.images import make_view
 
-    h, w = _hw(size)
+    h, w = parse_hw(size)
     g = torch.Generator().manual_seed(1)
     views = [make_view(i, img=torch.rand(1, 3, h, w, generator=g) * 2 - 1) for i in range(n)]
     pairs = [(views[i], views[j]) for i, j in itertools.combinations(range(n), 2)]
@@ -95,7 +92,7 @@ def _measure(mode: str, n: int, cfg: InferenceBenchConfig) -> dict:
         views = list({v["idx"]: v for p in pairs for v in p}.values())  # each image once
         t_enc, _ = median_time(lambda: (encode_images(model, views, dev, batch_size=cfg.batch_size, amp=amp),
                                         sync()), cfg.repeats, warmup=1)
-        h, w = _hw(cfg.size)
+        h, w = parse_hw(cfg.size)
         tokens = (h // 16) * (w // 16)
         res["encoder_s"] = t_enc
         res["encoder_gflops"] = encoder_flops(model, tokens) * n / t_enc / 1e9

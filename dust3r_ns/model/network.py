@@ -17,12 +17,7 @@ from torch import nn
 
 from .blocks import DecoderBlock, EncoderBlock, LayerNorm, PatchEmbed
 from .heads import DPTHead, LinearHead
-from .rope import RoPE2D
-
-try:  # the compiled RoPE, when its helper module is present
-    from .rope import make_rope2d  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    make_rope2d = None
+from .rope_ext import make_rope2d
 
 INF = math.inf
 PATCH_EMBEDS = ("PatchEmbedDust3R", "ManyAR_PatchEmbed")
@@ -95,7 +90,7 @@ class AsymmetricCroCo3DStereo(nn.Module):
         self.landscape_only = bool(landscape_only)
         self.patch_size = patch_size
         freq = float(m.group(1))
-        rope = make_rope2d(freq, backend=rope_backend) if make_rope2d is not None else RoPE2D(freq)
+        rope = make_rope2d(freq, backend=rope_backend)
 
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_embed_dim))
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, enc_embed_dim,

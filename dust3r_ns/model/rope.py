@@ -57,21 +57,3 @@ class RoPE2D(nn.Module):
         x = _rope1d(x, pos[..., 1], cos, sin)
         return torch.cat((y, x), dim=-1)
 
-
-def make_rope2d(freq: float = 100.0, backend: str = "auto") -> nn.Module:
-    """RoPE2D module: 'torch' (pure PyTorch), 'ext' (compiled kernels, error if unavailable) or 'auto'
-    (compiled when it builds, else PyTorch with a one-line notice)."""
-    if backend == "torch":
-        return RoPE2D(freq)
-    if backend not in ("auto", "ext"):
-        raise ValueError(f"unknown RoPE backend {backend!r}: use 'auto', 'ext' or 'torch'")
-    from .rope_ext import RoPE2DExt, get_extension
-
-    ext = get_extension()
-    if ext is None:
-        if backend == "ext":
-            from .rope_ext import _state
-
-            raise RuntimeError(f"compiled RoPE requested but unavailable: {_state.get('error')}")
-        return RoPE2D(freq)
-    return RoPE2DExt(freq, ext)

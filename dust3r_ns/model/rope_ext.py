@@ -140,3 +140,18 @@ class RoPE2DExt(RoPE2D):
             self._cache[key] = (cos[:, :q].contiguous(), sin[:, :q].contiguous())
         cq, sq = self._cache[key]
         return _RoPEFunction.apply(tokens, pos.long(), cq, sq, ext)
+
+
+def make_rope2d(freq: float = 100.0, backend: str = "auto") -> nn.Module:
+    """RoPE2D module: 'torch' (pure PyTorch), 'ext' (compiled kernels, error if unavailable) or 'auto'
+    (compiled when it builds, else PyTorch with a one-line notice)."""
+    if backend == "torch":
+        return RoPE2D(freq)
+    if backend not in ("auto", "ext"):
+        raise ValueError(f"unknown RoPE backend {backend!r}: use 'auto', 'ext' or 'torch'")
+    ext = get_extension()
+    if ext is None:
+        if backend == "ext":
+            raise RuntimeError(f"compiled RoPE requested but unavailable: {_state.get('error')}")
+        return RoPE2D(freq)
+    return RoPE2DExt(freq, ext)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dust3r_ns import geometry
+
 # real spherical-harmonic basis constants (degrees 0..3), the 3DGS sign convention
 _SH_C0 = 0.28209479177387814
 _SH_C1 = 0.4886025119029199
@@ -65,10 +67,7 @@ def eval_sh(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
 
 def quat_to_rotmat(quats: Tensor) -> Tensor:
     """(N,4) quaternions (w, x, y, z), normalised here -> (N,3,3) rotations."""
-    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-                        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-                        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(-1, 3, 3)
+    return geometry.quat_to_rotmat(quats, scalar_first=True)
 
 
 def project_gaussians(means: Tensor, quats: Tensor, scales: Tensor, viewmats: Tensor, Ks: Tensor, width: int,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dust3r_ns import geometry
+
 from .scene import Box, Cylinder, Scene, Sphere, objects_center
 
 BASELINE_DEG = {"small": 10.0, "moderate": 45.0, "wide": 120.0}
@@ -20,18 +22,7 @@ _AIM_HEIGHT = 0.45
 
 def look_at(C: np.ndarray, target: np.ndarray) -> np.ndarray:
     """OpenCV camera-to-world (4,4) at C looking at target: +z forward, +x right, +y down (world up = +z)."""
-    C = np.asarray(C, np.float64)
-    z = np.asarray(target, np.float64) - C
-    z = z / np.linalg.norm(z)
-    x = np.cross(z, _WORLD_UP)
-    nx = np.linalg.norm(x)
-    if nx < 1e-9:
-        raise ValueError("look_at: viewing direction is vertical; move the camera or the target")
-    x /= nx
-    M = np.eye(4)
-    M[:3, :3] = np.stack([x, np.cross(z, x), z], 1)
-    M[:3, 3] = C
-    return M
+    return geometry.look_at(C, target, _WORLD_UP)
 
 
 def intrinsics(f: float, H: int, W: int) -> np.ndarray:

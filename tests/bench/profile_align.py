@@ -11,7 +11,7 @@ import time
 import torch
 
 from dust3r_ns.align import global_align
-from dust3r_ns.align.bench import make_case
+from dust3r_ns.bench.align import make_case
 
 
 def main():

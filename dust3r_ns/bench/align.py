@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from dust3r_ns import synth
+from dust3r_ns.align import global_align
+from dust3r_ns.bench.common import parse_hw, run_isolated
+from dust3r_ns.metrics import depth_abs_rel, pose_metrics
+from dust3r_ns.pairs import graph_edges as _pair_graph
+from dust3r_ns.synth.toy import make_pairs_output
 
 
 @dataclass
@@ -52,75 +58,25 @@ class AlignBenchConfig:
     """Optional path for the results as JSON."""
 
 
-def _hw(s: str) -> tuple[int, int]:
-    try:
-        h, w = (int(x) for x in s.lower().split("x"))
-    except ValueError as e:
-        raise ValueError(f"size must look like 96x128 (HxW), got {s!r}") from e
-    return h, w
-
-
 def graph_edges(n: int, graph: str) -> list[tuple[int, int]]:
-    """Symmetric edge list: 'complete' or 'swin-k' (non-cyclic window k)."""
-    try:
-        from dust3r_ns.pairs import graph_edges as ge
-
-        return [tuple(map(int, e)) for e in ge(n, graph, symmetrize=True)]
-    except Exception:  # pairs module not available or graph name unknown to it
-        pass
-    if graph == "complete":
-        return [(i, j) for i in range(n) for j in range(n) if i != j]
-    if graph.startswith("swin-"):
-        k = int(graph.split("-")[1])
-        und = sorted({(i, i + d) for i in range(n) for d in range(1, k + 1) if i + d < n})
-        return [e for a, b in und for e in ((a, b), (b, a))]
-    raise ValueError(f"unknown scene graph {graph!r}")
+    """Symmetric edge list of a scene graph ('complete', 'swin-k' (cyclic), ...: `dust3r_ns.pairs.graph_edges`)."""
+    return [tuple(map(int, e)) for e in _pair_graph(n, graph, symmetrize=True)]
 
 
 def make_case(source: str, n: int, H: int, W: int, graph: str, noise: float, seed: int):
     """-> (pair output dict, gt dict with c2w (N,4,4), K (N,3,3), depth list of (H,W), valid list of (H,W))."""
     edges = graph_edges(n, graph)
     if source == "toy":
-        from .toy import make_pairs_output
-
         out, gt = make_pairs_output(n=n, shapes=[(H, W)] * n, noise=noise, seed=seed, edges=edges)
         return out, dict(c2w=gt["c2w"], K=gt["K"], depth=gt["depth"], valid=[np.ones((H, W), bool)] * n)
     if source != "synth":
         raise ValueError(f"source must be 'synth' or 'toy', got {source!r}")
-    try:
-        from dust3r_ns import synth
-    except ImportError as e:
-        raise ValueError(f"dust3r_ns.synth is not available ({e}); use source='toy'") from e
     scene = synth.make_scene(seed)
     c2w, K = synth.camera_path(scene, n, baseline="moderate", seed=seed, H=H, W=W)
     views = synth.render_views(scene, c2w, K, H, W)
     out = synth.oracle_pairs(views, edges, noise=synth.NoiseConfig().scaled(noise / 0.01), seed=seed)
     return out, dict(c2w=np.asarray(c2w, np.float64), K=np.asarray(K, np.float64),
                      depth=[v["depth"] for v in views], valid=[v["valid"] for v in views])
-
-
-def pose_metrics(c2w_est: np.ndarray, c2w_gt: np.ndarray) -> dict:
-    try:
-        from dust3r_ns.metrics import pose_metrics as pm
-
-        return dict(pm(c2w_est, c2w_gt))
-    except ImportError:
-        pass
-    from .geometry import umeyama
-
-    s, R, t = umeyama(torch.tensor(c2w_est[None, :, :3, 3]), torch.tensor(c2w_gt[None, :, :3, 3]))
-    al = s[0].item() * c2w_est[:, :3, 3] @ R[0].numpy().T + t[0].numpy()
-    spread = np.linalg.norm(c2w_gt[:, :3, 3] - c2w_gt[:, :3, 3].mean(0), axis=1).mean()
-    ate = float(np.sqrt((np.linalg.norm(al - c2w_gt[:, :3, 3], axis=1) ** 2).mean()) / spread * 100)
-    errs = []
-    n = len(c2w_gt)
-    for i in range(n):
-        for j in range(i + 1, n):
-            Re = c2w_est[i, :3, :3].T @ c2w_est[j, :3, :3]
-            Rg = c2w_gt[i, :3, :3].T @ c2w_gt[j, :3, :3]
-            d = np.linalg.norm(Re - Rg) / (2 * math.sqrt(2))
-            errs.append(math.degrees(2 * math.asin(min(1.0, d))))
-    return dict(ate_pct=ate, rra_mean_deg=float(np.mean(errs)), rra_max_deg=float(np.max(errs)))
 
 
 def save_case(path: str, out: dict, gt: dict) -> None:
@@ -143,11 +99,7 @@ def _run_mode(case_path: str, n: int, H: int, W: int, graph: str, mode: str, nit
               repeats: int, device: str, threads: int, warmup: bool = True) -> dict:
     if threads > 0:
         torch.set_num_threads(threads)
-    from . import global_align
-
     if warmup:   # initialise the libraries (CUDA context, cuBLAS/cuSOLVER, thread pools) outside the timing
-        from .toy import make_pairs_output
-
         global_align(make_pairs_output(n=3, shapes=[(24, 32)] * 3, seed=1)[0], mode=mode, device=device, niter=niter and 5,
                      verbose=False)
     out, gt = load_case(case_path)
@@ -169,18 +121,13 @@ def _run_mode(case_path: str, n: int, H: int, W: int, graph: str, mode: str, nit
     assert rec is not None
     align_mb = (_proc_status("VmHWM") - rss0) / 1024 if hwm_reset and rss0 >= 0 else float("nan")
     pm = pose_metrics(rec.c2w, gt["c2w"])
-    try:
-        from dust3r_ns.metrics import depth_abs_rel
-
-        dabs = float(depth_abs_rel(rec.depths, list(gt["depth"]), list(gt["valid"]))) * 100
-    except ImportError:
-        dabs = float("nan")
+    dabs = float(depth_abs_rel(rec.depths, list(gt["depth"]), list(gt["valid"]))) * 100
     ferr = float(np.abs(rec.focals / gt["K"][:, 0, 0] - 1).mean() * 100)
     res = dict(mode=mode, n=n, size=f"{H}x{W}", graph=graph, edges=len(graph_edges(n, graph)),
                seconds=float(np.median(times)), iterations=int(rec.meta["iterations"]),
                polish_iterations=int(rec.meta.get("polish_iterations", 0)), loss=float(rec.meta["loss"]),
                ate_pct=float(pm["ate_pct"]), rra_mean_deg=float(pm["rra_mean_deg"]),
-               rra_max_deg=float(pm.get("rra_max_deg", float("nan"))), focal_err_pct=ferr, align_rss_mb=align_mb,
+               rra_max_deg=float(pm["rra_max_deg"]), focal_err_pct=ferr, align_rss_mb=align_mb,
                depth_absrel_pct=dabs)
     if device.startswith("cuda"):
         res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -210,8 +157,8 @@ def _reset_hwm() -> bool:
 
 
 def cases(cfg: AlignBenchConfig) -> list[tuple[int, int, int, str]]:
-    H, W = _hw(cfg.size)
-    Hh, Wh = _hw(cfg.hires_size)
+    H, W = parse_hw(cfg.size)
+    Hh, Wh = parse_hw(cfg.hires_size)
     cs = [(n, H, W, "complete") for n in cfg.n]
     cs += [(n, H, W, f"swin-{cfg.swin_window}") for n in cfg.swin_n]
     cs += [(n, Hh, Wh, "complete") for n in cfg.hires_n]
@@ -234,8 +181,6 @@ def run(cfg: AlignBenchConfig) -> list[dict]:
             args = (case_path, n, H, W, graph, mode, cfg.baseline_niter if mode == "baseline" else None,
                     cfg.repeats, cfg.device, cfg.threads, cfg.warmup)
             if cfg.isolate:
-                from dust3r_ns.bench.common import run_isolated
-
                 r = run_isolated(_run_mode, *args)
             else:
                 r = _run_mode(*args)

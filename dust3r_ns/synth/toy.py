@@ -1,4 +1,5 @@
-"""Toy oracle pair predictions from known cameras and smooth depth maps (no rendering): tests and benchmark smoke runs.
+"""Toy oracle pair predictions from known cameras and smooth depth maps (no rendering): tests and benchmark smoke
+runs.
 
 Each image has its own smooth depth map; pair (i, j) predicts image i's and image j's points in camera i's frame,
 times a random per-pair scale, optionally with multiplicative Gaussian noise. Visibility is ignored (every pixel of
@@ -12,22 +13,17 @@ import math
 import numpy as np
 import torch
 
+from dust3r_ns.geometry import look_at
 
-def _look_at(C: np.ndarray, target: np.ndarray) -> np.ndarray:
-    z = target - C
-    z /= np.linalg.norm(z)
-    x = np.cross(np.array([0.0, -1.0, 0.0]), z)
-    x /= np.linalg.norm(x)
-    M = np.eye(4)
-    M[:3, :3] = np.stack([x, np.cross(z, x), z], 1)
-    M[:3, 3] = C
-    return M
+_UP = np.array([0.0, 1.0, 0.0])   # the toy world's up direction (cameras: image rows point along -y)
 
 
 def make_pairs_output(n=5, shapes=None, noise=0.0, seed=0, focal_factor=0.9, edges=None, meta=False):
     """Cameras on an arc looking at the origin, smooth depth maps, oracle pair predictions with random pair scales.
 
-    shapes: per-image (H, W) (default (24, 32) each). Returns (output dict, ground truth dict).
+    shapes: per-image (H, W) (default (24, 32) each); edges: ordered pairs (default all); meta: add names,
+    original sizes and crop transforms to the views. Returns (output dict in the pair-inference layout,
+    ground truth dict: c2w [N, 4, 4], K [N, 3, 3], depth list of [H, W]).
     """
     g = np.random.default_rng(seed)
     shapes = shapes or [(24, 32)] * n
@@ -35,7 +31,7 @@ def make_pairs_output(n=5, shapes=None, noise=0.0, seed=0, focal_factor=0.9, edg
     for k in range(n):
         a = 0.5 * math.pi * k / max(n, 2) + g.normal(0, 0.03)
         C = np.array([3 * math.sin(a), g.normal(0, 0.2), -3 * math.cos(a)])
-        c2w.append(_look_at(C, g.normal(0, 0.1, 3)))
+        c2w.append(look_at(C, g.normal(0, 0.1, 3), _UP))
         H, W = shapes[k]
         f = focal_factor * max(H, W) * g.uniform(0.95, 1.05)
         K = np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1.0]])
