@@ -1,13 +1,13 @@
-"""Shared helpers for the exporters: atomic file/folder writes, Reconstruction validation, image checks."""
+"""Shared helpers for the exporters: the exporters' error class, Reconstruction validation, image checks.
+
+Atomic writes come from `dust3r_ns.fileio` (with `error=ExportError`).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,75 +16,6 @@ from .. import conventions as cv
 
 class ExportError(ValueError):
     """Raised for invalid inputs to an exporter or an output location that cannot be written."""
-
-
-def _writable_parent(path: Path, what: str) -> Path:
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create folder {parent} for the {what}: {e}; choose a writable output path") from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"folder {parent} is not writable for the {what}; choose a writable output path")
-    return parent
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
-    """Yield a temporary path in the same folder as `path`; on success it replaces `path` atomically."""
-    path = Path(path)
-    parent = _writable_parent(path, what)
-    if path.is_dir():
-        raise ExportError(f"{path} is a folder; the {what} needs a file path")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise ExportError(f"cannot write the {what} in {parent}: {e}; choose a writable output path") from e
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, managed_names: Sequence[str], what: str = "folder") -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `out_dir`; on success its files are moved into `out_dir`.
-
-    If `out_dir` does not exist, the temporary folder is renamed to it (one atomic step). Otherwise each file is
-    moved with `os.replace` (atomic per file), and any file in `out_dir` whose name is in `managed_names` but was
-    not produced this time is removed (stale outputs of an earlier export, e.g. a text model next to a binary one).
-    Other files in `out_dir` are left alone.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a folder; the {what} needs a folder path")
-    parent = _writable_parent(out_dir, what)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise ExportError(f"cannot write the {what} in {parent}: {e}; choose a writable output path") from e
-    try:
-        yield tmp
-        if not out_dir.exists():
-            os.rename(tmp, out_dir)
-            return
-        if not os.access(out_dir, os.W_OK | os.X_OK):
-            raise ExportError(f"folder {out_dir} is not writable for the {what}; choose a writable output path")
-        produced = set()
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out_dir / f.name)
-            produced.add(f.name)
-        for name in managed_names:
-            if name not in produced and (out_dir / name).is_file():
-                (out_dir / name).unlink()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def validate_recon(recon: Any) -> int:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from .. import conventions as cv
-from ._common import ExportError, atomic_dir, check_images, get_pointcloud, intrinsics_orig, validate_recon
+from ..fileio import atomic_dir
+from ._common import ExportError, check_images, get_pointcloud, intrinsics_orig, validate_recon
 
 __all__ = ["write_colmap", "read_colmap", "COLMAP_FILES"]
 
@@ -116,7 +117,7 @@ def write_colmap(
         track = pycolmap.Track([pycolmap.TrackElement(int(src[k, 0]) + 1, int(point2d_idx[k]))])
         rec.add_point3D(xyz[k], track, rgb[k])
 
-    with atomic_dir(out_dir, COLMAP_FILES, "COLMAP model") as tmp:
+    with atomic_dir(out_dir, COLMAP_FILES, "COLMAP model", error=ExportError) as tmp:
         if text:
             rec.write_text(str(tmp))
         else:

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._common import ExportError, atomic_file, get_pointcloud, validate_recon
+from ..fileio import atomic_file
+from ._common import ExportError, get_pointcloud, validate_recon
 from .colmap import write_colmap
 from .glb import write_glb
 from .nerfstudio_json import write_transforms_json
@@ -67,7 +68,7 @@ def copy_images(recon: Any, sources: str | os.PathLike | Sequence[str | os.PathL
         if tuple(size) != (int(w), int(h)):
             raise ExportError(f"image {src} is {size[0]}x{size[1]} (upright) but the reconstruction expects {w}x{h}; "
                               "wrong image for this reconstruction?")
-        with atomic_file(dst, "image copy") as tmp:
+        with atomic_file(dst, "image copy", error=ExportError) as tmp:
             if upright is None:
                 shutil.copyfile(src, tmp)
             else:

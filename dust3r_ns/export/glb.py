@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import ExportError, atomic_file
+from ..fileio import atomic_file
+from ._common import ExportError
 
 __all__ = ["write_glb", "load_glb", "frustum_segments", "GLB_WORLD_FLIP"]
 
@@ -112,7 +113,7 @@ def write_glb(
         raise ExportError(f"write_glb({path}): nothing to write (no points and no cameras)")
     data = scene.export(file_type="glb")
     path = Path(path)
-    with atomic_file(path, "GLB file") as tmp:
+    with atomic_file(path, "GLB file", error=ExportError) as tmp:
         tmp.write_bytes(data)
     return path
 

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from .. import conventions as cv
-from ._common import ExportError, atomic_file, check_images, get_pointcloud, intrinsics_orig, validate_recon
+from ..fileio import atomic_file
+from ._common import ExportError, check_images, get_pointcloud, intrinsics_orig, validate_recon
 from .ply import write_ply
 
 __all__ = ["write_transforms_json", "read_transforms_json"]
@@ -73,7 +74,7 @@ def write_transforms_json(
             raise ExportError(f"{out_dir / ply_name} does not exist; write the PLY first or pass write_ply_file=True")
         meta["ply_file_path"] = ply_name
     path = out_dir / "transforms.json"
-    with atomic_file(path, "transforms.json") as tmp:
+    with atomic_file(path, "transforms.json", error=ExportError) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return path
 

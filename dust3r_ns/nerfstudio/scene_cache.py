@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from dust3r_ns.fileio import default_permissions
+
 CACHE_KIND = "dust3r_ns.nerfstudio.cache"
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif")
@@ -192,7 +194,12 @@ def _image_files(entry: Path, photos: Sequence[PhotoInfo]) -> list[Path]:
 
 def _write_entry(root: Path, entry: Path, key: str, hashes: list[str], photos: Sequence[PhotoInfo], rec,
                  options: dict[str, Any], model_id: str) -> None:
-    """Assemble the entry in a temporary folder next to it and rename it into place."""
+    """Assemble the entry in a temporary folder next to it and rename it into place.
+
+    The entry's files are written inside the temporary folder (the reconstruction with `fileio.atomic_file`), which
+    then gets the permissions the umask gives new folders and files (`fileio.default_permissions`); an existing
+    entry is moved aside, replaced in one rename, then deleted.
+    """
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=root))
@@ -212,6 +219,7 @@ def _write_entry(root: Path, entry: Path, key: str, hashes: list[str], photos: S
                     "options": options, "images": [[ph.path.name, h, list(ph.size), ph.needs_copy]
                                                    for ph, h in zip(photos, hashes)]}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # written last: marks completeness
+        default_permissions(tmp)
         if entry.exists():
             trash = root / f".{entry.name}.old{os.getpid()}"
             shutil.rmtree(trash, ignore_errors=True)
