@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 
 from .. import conventions as cv
+from ..scene import Reconstruction
 
 
 class ExportError(ValueError):
     """Raised for invalid inputs to an exporter or an output location that cannot be written."""
 
 
-def validate_recon(recon: Any) -> int:
+def validate_recon(recon: Reconstruction) -> int:
     """Check the fields the exporters read from a Reconstruction; return the number of images."""
     try:
         names = list(recon.names)
@@ -55,13 +56,13 @@ def validate_recon(recon: Any) -> int:
     return n
 
 
-def intrinsics_orig(recon: Any) -> np.ndarray:
+def intrinsics_orig(recon: Reconstruction) -> np.ndarray:
     """(N, 3, 3) intrinsics in ORIGINAL-image pixels, package convention (top-left pixel centre at 0, 0)."""
     return cv.K_net_to_orig(np.asarray(recon.K, dtype=np.float64), np.asarray(recon.transforms, dtype=np.float64))
 
 
 def get_pointcloud(
-    recon: Any, conf_thr: float | None, max_points: int | None, points: tuple | None = None
+    recon: Reconstruction, conf_thr: float | None, max_points: int | None, points: tuple | None = None
 ) -> tuple[np.ndarray, ...]:
     """Return `points` = (xyz, rgb, src) if given, else call `recon.pointcloud` with only the options given.
 
@@ -87,7 +88,7 @@ def get_pointcloud(
     return xyz, rgb, src
 
 
-def check_images(recon: Any, images_dir: str | os.PathLike) -> None:
+def check_images(recon: Reconstruction, images_dir: str | os.PathLike) -> None:
     """Check that every image exists in `images_dir` with the reconstruction's original size, as stored.
 
     COLMAP and nerfstudio read pixels as stored and ignore EXIF orientation, while the reconstruction uses the

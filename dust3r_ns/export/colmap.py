@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import conventions as cv
+from ..scene import Reconstruction
 from ..fileio import atomic_dir
 from ._common import ExportError, check_images, get_pointcloud, intrinsics_orig, validate_recon
 
@@ -35,7 +36,7 @@ def _pycolmap():
     return pycolmap
 
 
-def colmap_keypoints(recon: Any, src: np.ndarray) -> np.ndarray:
+def colmap_keypoints(recon: Reconstruction, src: np.ndarray) -> np.ndarray:
     """Network pixels (image, v, u) -> (M, 2) keypoints in original-image COLMAP pixel coordinates."""
     transforms = np.asarray(recon.transforms, dtype=np.float64)
     uv_net = np.stack([src[:, 2], src[:, 1]], axis=-1).astype(np.float64)
@@ -43,7 +44,7 @@ def colmap_keypoints(recon: Any, src: np.ndarray) -> np.ndarray:
 
 
 def write_colmap(
-    recon: Any,
+    recon: Reconstruction,
     out_dir: str | os.PathLike,
     images_dir: str | os.PathLike | None = None,
     text: bool = False,

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import conventions as cv
+from ..scene import Reconstruction
 from ..fileio import atomic_file
 from ._common import ExportError, check_images, get_pointcloud, intrinsics_orig, validate_recon
 from .ply import write_ply
@@ -27,7 +28,7 @@ __all__ = ["write_transforms_json", "read_transforms_json"]
 
 
 def write_transforms_json(
-    recon: Any,
+    recon: Reconstruction,
     out_dir: str | os.PathLike,
     images_subdir: str = "images",
     ply_name: str | None = "sparse_pc.ply",
