@@ -19,7 +19,7 @@ from ._common import ExportError
 
 __all__ = ["write_glb", "load_glb", "frustum_segments", "GLB_WORLD_FLIP"]
 
-GLB_WORLD_FLIP = cv.OPENCV_TO_GLTF_WORLD  # OpenCV-like world -> y-up glTF world (name kept for callers)
+GLB_WORLD_FLIP = cv.OPENCV_TO_GLTF_WORLD  # OpenCV-like world -> y-up glTF world (the conventions constant)
 
 
 def _default_depth(xyz: np.ndarray, centres: np.ndarray) -> float:

@@ -47,7 +47,7 @@ def make_config() -> TrainerConfig:
         machine=MachineConfig(device_type="cuda" if cuda else "cpu"),
         pipeline=VanillaPipelineConfig(
             datamanager=FullImageDatamanagerConfig(
-                # fewer seed points on the slow CPU path (~1 s/iteration at 128x96 with 20k Gaussians)
+                # fewer seed points on the CPU path (the dense rasterizer's cost grows with the Gaussian count)
                 dataparser=Dust3rDataParserConfig(max_points=100_000 if cuda else 20_000),
                 cache_images_type="uint8"),
             model=Dust3rSplatfactoModelConfig(),

@@ -7,7 +7,7 @@ On a CUDA machine rendering is splatfacto's own (gsplat), untouched. The differe
 Without CUDA, or with the model on the CPU (slow path for tests and demos):
 - `get_outputs` renders with the pure-PyTorch `rasterizer.rasterize_dense` (no `.cuda()`, no torch.compile);
 - without CUDA, gsplat's CUDA back-end module is replaced by a stub that raises, so nothing can start gsplat's
-  CUDA JIT build (which takes about an hour on 2 cores and cannot run without a GPU anyway).
+  CUDA JIT build (which cannot run without a GPU).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class _NoCudaBackend:
 
 
 def block_gsplat_cuda_jit() -> None:
-    """Without CUDA, make gsplat's lazy CUDA back-end a stub that raises instead of JIT-compiling (~1 h, useless)."""
+    """Without CUDA, make gsplat's lazy CUDA back-end a stub that raises instead of starting its CUDA JIT build."""
     name = "gsplat.cuda._backend"
     if cpu_fallback_active() and name not in sys.modules:
         stub = types.ModuleType(name)
