@@ -10,9 +10,13 @@ Package conventions (see the project notes):
   (scale about pixel corners, then crop offset). Intrinsics transform with the same affine map:
   ``K_net = A @ K_orig`` with ``A = [[sx, 0, 0.5*sx - 0.5 - x0], [0, sy, 0.5*sy - 0.5 - y0], [0, 0, 1]]``.
 - Quaternions are (w, x, y, z), unit norm, on the hemisphere w >= 0 (COLMAP's order).
+- World frames: the reconstruction's world is OpenCV-like (y down, z forward for an upright first camera).
+  `OPENCV_TO_ZUP_WORLD` maps it to the z-up world nerfstudio's COLMAP parser uses, (x, y, z) -> (x, z, -y);
+  `OPENCV_TO_GLTF_WORLD` maps it to glTF's y-up world, (x, y, z) -> (x, -y, -z) (180 degrees about x).
 
 Every function takes and returns numpy float64 arrays and is batched over leading dimensions; batched
 arguments (e.g. `uv` (..., 2) and `transform` (..., 4)) follow ordinary numpy broadcasting of their leading dims.
+The one exception is `opengl_c2w_to_opencv_w2c_torch`, a differentiable torch twin for the splatting model.
 """
 
 from __future__ import annotations
@@ -35,7 +39,16 @@ __all__ = [
     "from_colmap_pixel",
     "K_to_colmap",
     "K_from_colmap",
+    "opengl_c2w_to_opencv_w2c_torch",
+    "OPENCV_TO_ZUP_WORLD",
+    "OPENCV_TO_GLTF_WORLD",
 ]
+
+# World-frame changes (4x4, applied on the left of a camera-to-world pose or to homogeneous world points).
+OPENCV_TO_ZUP_WORLD = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1.0]])
+"""(x, y, z) -> (x, z, -y): OpenCV-like world (y down) -> z-up world, as nerfstudio's COLMAP parser does."""
+OPENCV_TO_GLTF_WORLD = np.diag([1.0, -1.0, -1.0, 1.0])
+"""(x, y, z) -> (x, -y, -z): OpenCV-like world (y down) -> y-up glTF world (180 degrees about x; own inverse)."""
 
 _FLIP_YZ = np.array([1.0, -1.0, -1.0])
 
@@ -235,3 +248,18 @@ def K_from_colmap(K: np.ndarray) -> np.ndarray:
     K = _as_K(K, "K_from_colmap").copy()
     K[..., :2, 2] -= 0.5 * K[..., 2:3, 2]
     return K
+
+
+def opengl_c2w_to_opencv_w2c_torch(c2w):
+    """(C, 3|4, 4) torch OpenGL camera-to-world -> (C, 4, 4) OpenCV world-to-camera (the `viewmats` of splatting).
+
+    Torch twin of `c2w_to_w2c(opengl_to_opencv_c2w(c2w))`, differentiable (camera-optimizer gradients):
+    R_cv = R_gl diag(1, -1, -1), then w2c = [R_cv^T, -R_cv^T t; 0 0 0 1].
+    """
+    import torch
+
+    R = c2w[:, :3, :3] * torch.tensor([1.0, -1.0, -1.0], dtype=c2w.dtype, device=c2w.device)
+    t = c2w[:, :3, 3:4]
+    Rt = R.transpose(1, 2)
+    bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=c2w.dtype, device=c2w.device).expand(c2w.shape[0], 1, 4)
+    return torch.cat([torch.cat([Rt, -Rt @ t], 2), bottom], 1)

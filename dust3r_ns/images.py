@@ -25,7 +25,8 @@ class ImageError(ValueError):
     """A file that cannot be used as an input image (one line: path, problem, fix)."""
 
 
-def _heif_available() -> bool:
+def register_heif() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with PIL; False when the optional extra is not installed."""
     try:
         import pillow_heif  # type: ignore[import-not-found]
     except ImportError:
@@ -43,7 +44,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{path}: is a folder; pass image files or a single folder")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes); remove it or replace it with the real image")
-    if path.suffix.lower() in (".heic", ".heif") and not _heif_available():
+    if path.suffix.lower() in (".heic", ".heif") and not register_heif():
         raise ImageError(f"{path}: HEIC images need the optional extra; run pip install 'dust3r_ns[heic]' "
                          "or convert the file to JPEG/PNG")
     try:

@@ -10,12 +10,13 @@ threshold, optional far-background removal, voxel down-sampling to a point cap) 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from .fileio import atomic_file
 
 FORMAT_KIND = "dust3r_ns.Reconstruction"
 FORMAT_VERSION = 1
@@ -169,7 +170,7 @@ class Reconstruction:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one `.npz` atomically (temp file in the same folder + os.replace)."""
+        """Write one `.npz` atomically (`fileio.atomic_file`: temporary file in the same folder, then replaced)."""
         path = Path(path)
         if path.suffix != ".npz":
             raise ReconstructionError(f"{path}: reconstruction files must end in .npz")
@@ -185,16 +186,9 @@ class Reconstruction:
             arrays[f"depth_{k}"] = self.depths[k]
             arrays[f"conf_{k}"] = self.confs[k]
             arrays[f"rgb_{k}"] = self.rgbs[k]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
+        with atomic_file(path, "reconstruction file", error=ReconstructionError) as tmp:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
                 np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return path
 
     @classmethod

@@ -1,15 +1,14 @@
-"""Shared pytest options: `--runslow` enables slow tests; `cuda` tests are skipped without a GPU."""
+"""Shared pytest options (`--runslow` enables slow tests; `cuda` tests are skipped without a GPU) and the fixtures
+for the reference data in tests/data (never skipped: a missing folder fails)."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DUST3R_NS_SHARED", REPO.parent / "shared"))
-GOLDEN = SHARED / "reference" / "golden"
-OFFICIAL = SHARED / "reference" / "official"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"  # see tests/data/README.md
+GOLDEN = REFERENCE / "golden"
+OFFICIAL = REFERENCE / "official"
 
 
 def pytest_addoption(parser):
@@ -27,18 +26,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+def _reference(folder: Path, what: str) -> Path:
+    if not folder.is_dir() or not any(folder.iterdir()):
+        pytest.fail(f"{what} missing at {folder}: it is part of the repository (tests/data/README.md); restore it "
+                    "with git checkout -- tests/data", pytrace=False)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def golden_dir():
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden data not found at {GOLDEN}")
-    return GOLDEN
+    """Golden inputs/outputs of the reference implementation (tests/data/reference/golden)."""
+    return _reference(GOLDEN, "golden reference data")
 
 
 @pytest.fixture(scope="session")
 def official_dir():
-    if not OFFICIAL.is_dir():
-        pytest.skip(f"official key lists not found at {OFFICIAL}")
-    return OFFICIAL
+    """State-dict key lists of the published checkpoints (tests/data/reference/official)."""
+    return _reference(OFFICIAL, "official checkpoint key lists")
 
 
 @pytest.fixture(scope="module")

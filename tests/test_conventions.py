@@ -174,3 +174,72 @@ def test_colmap_pixel_shift():
     proj = lambda K_: (lambda p: p[..., :2] / p[..., 2:])(np.einsum("nij,nmj->nmi", K_, X))  # noqa: E731
     np.testing.assert_allclose(proj(Kc), cv.to_colmap_pixel(proj(K)), atol=1e-10)
     np.testing.assert_allclose(cv.K_from_colmap(Kc), K, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- moved conversions
+
+@pytest.mark.parametrize("name, image_of_xyz", [
+    ("OPENCV_TO_ZUP_WORLD", lambda x, y, z: (x, z, -y)),
+    ("OPENCV_TO_GLTF_WORLD", lambda x, y, z: (x, -y, -z)),
+])
+def test_world_frame_changes_are_rotations_and_round_trip(name, image_of_xyz):
+    M = getattr(cv, name)
+    assert M.shape == (4, 4) and M.dtype == np.float64
+    np.testing.assert_array_equal(M[:3, :3] @ M[:3, :3].T, np.eye(3))
+    assert np.linalg.det(M[:3, :3]) == 1.0 and np.array_equal(M[3], [0, 0, 0, 1]) and not M[:3, 3].any()
+    pts = np.random.default_rng(10).uniform(-5, 5, (50, 3))
+    np.testing.assert_array_equal(pts @ M[:3, :3].T, np.stack(image_of_xyz(*pts.T), -1))
+    T = random_c2w(np.random.default_rng(11), (7,))
+    np.testing.assert_allclose(M.T @ (M @ T), T, rtol=0, atol=1e-15)  # float64 round trip (inverse = transpose)
+    # OpenCV "down" (+y) becomes the target world's down: -z for z-up, -y for y-up glTF
+    down = M[:3, :3] @ [0.0, 1.0, 0.0]
+    np.testing.assert_array_equal(down, [0, 0, -1] if name == "OPENCV_TO_ZUP_WORLD" else [0, -1, 0])
+
+
+def test_glb_world_flip_is_the_conventions_one():
+    from dust3r_ns.export.glb import GLB_WORLD_FLIP
+
+    assert GLB_WORLD_FLIP is cv.OPENCV_TO_GLTF_WORLD
+    np.testing.assert_array_equal(GLB_WORLD_FLIP @ GLB_WORLD_FLIP, np.eye(4))  # its own inverse
+
+
+@pytest.mark.parametrize("rows", [3, 4])
+def test_torch_viewmat_agrees_with_numpy_conversions(rows):
+    import torch
+
+    T = random_c2w(np.random.default_rng(12), (5,))
+    gl = cv.opencv_to_opengl_c2w(T)
+    c2w = torch.tensor(gl[:, :rows], dtype=torch.float64, requires_grad=True)
+    w2c = cv.opengl_c2w_to_opencv_w2c_torch(c2w)
+    assert w2c.shape == (5, 4, 4) and w2c.dtype == torch.float64
+    np.testing.assert_allclose(w2c.detach().numpy(), cv.c2w_to_w2c(cv.opengl_to_opencv_c2w(gl)), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(cv.w2c_to_c2w(w2c.detach().numpy()), T, rtol=0, atol=1e-13)  # round trip
+    w2c.sum().backward()
+    assert c2w.grad is not None and torch.isfinite(c2w.grad).all()
+
+
+def test_training_crop_intrinsics_agree_with_pixel_transform():
+    from dust3r_ns.train.views import rescale_crop
+
+    rng = np.random.default_rng(13)
+    for _ in range(20):
+        h0, w0 = (int(v) for v in rng.integers(20, 80, 2))
+        W, H = (int(v) for v in rng.integers(8, 40, 2))
+        K = np.array([[rng.uniform(30, 90), 0, rng.uniform(0, w0 - 1)], [0, rng.uniform(30, 90), rng.uniform(0, h0 - 1)],
+                      [0, 0, 1.0]])
+        _, dep, K2, _ = rescale_crop(np.zeros((h0, w0, 3), np.uint8), np.ones((h0, w0), np.float32), K, (W, H))
+        assert dep.shape == (H, W)
+        s = max(W / w0, H / h0)
+        sx, sy = max(W, int(round(w0 * s))) / w0, max(H, int(round(h0 * s))) / h0
+        # the crop offset is an integer: K2 = K_orig_to_net(K, (sx, sy, x0, y0)) for that (x0, y0)
+        resized = cv.K_orig_to_net(K, (sx, sy, 0, 0))
+        x0, y0 = resized[0, 2] - K2[0, 2], resized[1, 2] - K2[1, 2]
+        assert abs(x0 - round(x0)) < 1e-9 and abs(y0 - round(y0)) < 1e-9
+        t = np.array([sx, sy, round(x0), round(y0)])
+        np.testing.assert_allclose(K2, cv.K_orig_to_net(K, t), rtol=0, atol=1e-12)
+        # agreement: a camera point projects to the transformed original pixel; round trip back to the original
+        p = np.array([rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(1, 3)])
+        uv_orig = (K @ p)[:2] / p[2]
+        uv_net = (K2 @ p)[:2] / p[2]
+        np.testing.assert_allclose(uv_net, cv.pixel_orig_to_net(uv_orig, t), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(cv.pixel_net_to_orig(uv_net, t), uv_orig, rtol=0, atol=1e-10)

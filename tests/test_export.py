@@ -389,3 +389,29 @@ def test_read_colmap_inverts_write_colmap(recon, tmp_path, text):
     np.testing.assert_array_equal(back["sizes"], recon.orig_sizes)
     with pytest.raises(ExportError, match="no COLMAP model"):
         read_colmap(tmp_path)
+
+
+def test_registry_drives_export_dataset_and_the_cli(recon, tmp_path, monkeypatch):
+    import typing
+
+    from dust3r_ns.export import FORMATS, WRITERS, DatasetOptions, export_dataset
+    from dust3r_ns.export import dataset as ds_mod
+    from dust3r_ns.export.cli import ExportConfig, Format
+
+    assert FORMATS == tuple(WRITERS) == ("colmap", "ply", "nerfstudio", "glb")
+    assert typing.get_args(Format) == FORMATS and ExportConfig.formats == FORMATS
+    for name, write in WRITERS.items():
+        assert typing.get_type_hints(write)["recon"] is Reconstruction, name
+    # a registered writer is called in registry order with the shared point cloud; the check names the keys
+    calls = []
+
+    def write_npz(recon_: Reconstruction, out_dir, opts: DatasetOptions):
+        calls.append((recon_, out_dir, opts.formats, len(opts.points[0])))
+        return out_dir
+
+    monkeypatch.setitem(ds_mod.WRITERS, "npz", write_npz)
+    written = export_dataset(recon, tmp_path / "ds", formats=("npz", "ply"), max_points=40)
+    n_points = len(recon.pointcloud(max_points=40)[0])
+    assert list(written) == ["ply", "npz"] and calls == [(recon, tmp_path / "ds", ("npz", "ply"), n_points)]
+    with pytest.raises(ExportError, match=r"choose from \['colmap', 'ply', 'nerfstudio', 'glb', 'npz'\]"):
+        export_dataset(recon, tmp_path / "ds3", formats=("obj",))

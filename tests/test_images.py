@@ -118,7 +118,7 @@ def test_extreme_aspect_named_and_skipped_in_folder(tmp_path):
 def test_heic_without_extra_is_clear(tmp_path, monkeypatch):
     import dust3r_ns.images as images
 
-    monkeypatch.setattr(images, "_heif_available", lambda: False)
+    monkeypatch.setattr(images, "register_heif", lambda: False)
     (tmp_path / "x.heic").write_bytes(b"\0" * 64)
     with pytest.raises(ImageError, match="HEIC") as e:
         load_images([tmp_path / "x.heic"], size=512)

@@ -1,93 +1,25 @@
-"""Shared helpers for the exporters: atomic file/folder writes, Reconstruction validation, image checks."""
+"""Shared helpers for the exporters: the exporters' error class, Reconstruction validation, image checks.
+
+Atomic writes come from `dust3r_ns.fileio` (with `error=ExportError`).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from .. import conventions as cv
+from ..scene import Reconstruction
 
 
 class ExportError(ValueError):
     """Raised for invalid inputs to an exporter or an output location that cannot be written."""
 
 
-def _writable_parent(path: Path, what: str) -> Path:
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create folder {parent} for the {what}: {e}; choose a writable output path") from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"folder {parent} is not writable for the {what}; choose a writable output path")
-    return parent
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
-    """Yield a temporary path in the same folder as `path`; on success it replaces `path` atomically."""
-    path = Path(path)
-    parent = _writable_parent(path, what)
-    if path.is_dir():
-        raise ExportError(f"{path} is a folder; the {what} needs a file path")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise ExportError(f"cannot write the {what} in {parent}: {e}; choose a writable output path") from e
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, managed_names: Sequence[str], what: str = "folder") -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `out_dir`; on success its files are moved into `out_dir`.
-
-    If `out_dir` does not exist, the temporary folder is renamed to it (one atomic step). Otherwise each file is
-    moved with `os.replace` (atomic per file), and any file in `out_dir` whose name is in `managed_names` but was
-    not produced this time is removed (stale outputs of an earlier export, e.g. a text model next to a binary one).
-    Other files in `out_dir` are left alone.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a folder; the {what} needs a folder path")
-    parent = _writable_parent(out_dir, what)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise ExportError(f"cannot write the {what} in {parent}: {e}; choose a writable output path") from e
-    try:
-        yield tmp
-        if not out_dir.exists():
-            os.rename(tmp, out_dir)
-            return
-        if not os.access(out_dir, os.W_OK | os.X_OK):
-            raise ExportError(f"folder {out_dir} is not writable for the {what}; choose a writable output path")
-        produced = set()
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out_dir / f.name)
-            produced.add(f.name)
-        for name in managed_names:
-            if name not in produced and (out_dir / name).is_file():
-                (out_dir / name).unlink()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def validate_recon(recon: Any) -> int:
+def validate_recon(recon: Reconstruction) -> int:
     """Check the fields the exporters read from a Reconstruction; return the number of images."""
     try:
         names = list(recon.names)
@@ -124,13 +56,13 @@ def validate_recon(recon: Any) -> int:
     return n
 
 
-def intrinsics_orig(recon: Any) -> np.ndarray:
+def intrinsics_orig(recon: Reconstruction) -> np.ndarray:
     """(N, 3, 3) intrinsics in ORIGINAL-image pixels, package convention (top-left pixel centre at 0, 0)."""
     return cv.K_net_to_orig(np.asarray(recon.K, dtype=np.float64), np.asarray(recon.transforms, dtype=np.float64))
 
 
 def get_pointcloud(
-    recon: Any, conf_thr: float | None, max_points: int | None, points: tuple | None = None
+    recon: Reconstruction, conf_thr: float | None, max_points: int | None, points: tuple | None = None
 ) -> tuple[np.ndarray, ...]:
     """Return `points` = (xyz, rgb, src) if given, else call `recon.pointcloud` with only the options given.
 
@@ -156,7 +88,7 @@ def get_pointcloud(
     return xyz, rgb, src
 
 
-def check_images(recon: Any, images_dir: str | os.PathLike) -> None:
+def check_images(recon: Reconstruction, images_dir: str | os.PathLike) -> None:
     """Check that every image exists in `images_dir` with the reconstruction's original size, as stored.
 
     COLMAP and nerfstudio read pixels as stored and ignore EXIF orientation, while the reconstruction uses the

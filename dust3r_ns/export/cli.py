@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Tuple
 
-from .dataset import export_dataset
+from .dataset import FORMATS, export_dataset
 
-Format = Literal["colmap", "ply", "nerfstudio", "glb"]
+Format = Literal[FORMATS]  # type: ignore[valid-type]  # the registry's format names (`dataset.WRITERS` keys)
 
 
 @dataclass
@@ -19,8 +19,8 @@ class ExportConfig:
     """Reconstruction file (.npz)."""
     out: Path
     """Output folder (images/, sparse/0/, transforms.json, sparse_pc.ply, scene.glb)."""
-    formats: Tuple[Format, ...] = ("colmap", "ply", "nerfstudio", "glb")
-    """Which outputs to write."""
+    formats: Tuple[Format, ...] = FORMATS
+    """Which outputs to write (any of the registered export formats)."""
     images: Optional[Path] = None
     """Folder with the original images (copied upright into out/images); none copied when omitted."""
     conf_thr: float = 3.0

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from .. import conventions as cv
-from ._common import ExportError, atomic_dir, check_images, get_pointcloud, intrinsics_orig, validate_recon
+from ..scene import Reconstruction
+from ..fileio import atomic_dir
+from ._common import ExportError, check_images, get_pointcloud, intrinsics_orig, validate_recon
 
 __all__ = ["write_colmap", "read_colmap", "COLMAP_FILES"]
 
@@ -34,7 +36,7 @@ def _pycolmap():
     return pycolmap
 
 
-def colmap_keypoints(recon: Any, src: np.ndarray) -> np.ndarray:
+def colmap_keypoints(recon: Reconstruction, src: np.ndarray) -> np.ndarray:
     """Network pixels (image, v, u) -> (M, 2) keypoints in original-image COLMAP pixel coordinates."""
     transforms = np.asarray(recon.transforms, dtype=np.float64)
     uv_net = np.stack([src[:, 2], src[:, 1]], axis=-1).astype(np.float64)
@@ -42,7 +44,7 @@ def colmap_keypoints(recon: Any, src: np.ndarray) -> np.ndarray:
 
 
 def write_colmap(
-    recon: Any,
+    recon: Reconstruction,
     out_dir: str | os.PathLike,
     images_dir: str | os.PathLike | None = None,
     text: bool = False,
@@ -116,7 +118,7 @@ def write_colmap(
         track = pycolmap.Track([pycolmap.TrackElement(int(src[k, 0]) + 1, int(point2d_idx[k]))])
         rec.add_point3D(xyz[k], track, rgb[k])
 
-    with atomic_dir(out_dir, COLMAP_FILES, "COLMAP model") as tmp:
+    with atomic_dir(out_dir, COLMAP_FILES, "COLMAP model", error=ExportError) as tmp:
         if text:
             rec.write_text(str(tmp))
         else:

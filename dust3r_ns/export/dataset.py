@@ -1,35 +1,93 @@
-"""One-call export of a Reconstruction as a dataset folder for splatting tools.
+"""One-call export of a Reconstruction as a dataset folder for splatting tools, through a registry of writers.
 
-Layout of `out_dir`:
+Layout of `out_dir` (export format in brackets):
     images/<name>        upright copies of the original images (when image sources are given)
-    sparse/0/            COLMAP model (cameras, images, points3D; binary or text)
-    transforms.json      nerfstudio cameras (`ns-train splatfacto --data out_dir` reads it and the PLY)
-    sparse_pc.ply        the point cloud (nerfstudio's `ply_file_path`, 3DGS initialisation)
-    scene.glb            point cloud + camera frusta for viewing
-The point cloud is extracted once and shared by all formats.
+    sparse/0/            [colmap] COLMAP model (cameras, images, points3D; binary or text)
+    sparse_pc.ply        [ply] the point cloud (nerfstudio's `ply_file_path`, 3DGS initialisation)
+    transforms.json      [nerfstudio] cameras (`ns-train splatfacto --data out_dir` reads it and the PLY)
+    scene.glb            [glb] point cloud + camera frusta for viewing
+`WRITERS` maps each format name to its writer `(recon, out_dir, options) -> path written`; `export_dataset` runs
+the selected ones in registry order (the PLY before transforms.json, which references it). The point cloud is
+extracted once and shared by all formats.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from ._common import ExportError, atomic_file, get_pointcloud, validate_recon
+from ..fileio import atomic_file
+from ..scene import Reconstruction
+from ._common import ExportError, get_pointcloud, validate_recon
 from .colmap import write_colmap
 from .glb import write_glb
 from .nerfstudio_json import write_transforms_json
 from .ply import write_ply
 
-__all__ = ["export_dataset", "copy_images", "FORMATS"]
+__all__ = ["export_dataset", "copy_images", "FORMATS", "WRITERS", "DatasetOptions", "DatasetWriter"]
 
-FORMATS = ("colmap", "ply", "nerfstudio", "glb")
+PLY_NAME = "sparse_pc.ply"
 
 
-def copy_images(recon: Any, sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+@dataclass(frozen=True)
+class DatasetOptions:
+    """What a dataset writer reads besides the reconstruction and the dataset folder."""
+
+    points: tuple[np.ndarray, np.ndarray, np.ndarray]
+    """The shared point cloud (xyz, rgb, src), a `Reconstruction.pointcloud` result."""
+    formats: tuple[str, ...]
+    """All formats written in this export (a writer may reference another's output)."""
+    text: bool = False
+    """COLMAP: text files instead of binary."""
+    shared_camera: bool = False
+    """COLMAP: one camera for all images."""
+
+
+DatasetWriter = Callable[[Reconstruction, Path, DatasetOptions], Path]
+
+
+def write_dataset_colmap(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
+    """COLMAP model in `out_dir/sparse/0`."""
+    return write_colmap(recon, out_dir / "sparse" / "0", text=opts.text, shared_camera=opts.shared_camera,
+                        points=opts.points)
+
+
+def write_dataset_ply(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
+    """The point cloud as `out_dir/sparse_pc.ply`."""
+    return write_ply(out_dir / PLY_NAME, opts.points[0], opts.points[1])
+
+
+def write_dataset_nerfstudio(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
+    """`out_dir/transforms.json`, referencing the PLY when the "ply" format is written too."""
+    return write_transforms_json(recon, out_dir, ply_name=PLY_NAME if "ply" in opts.formats else None,
+                                 write_ply_file=False)
+
+
+def write_dataset_glb(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
+    """`out_dir/scene.glb`: the point cloud and the camera frusta (network-pixel intrinsics and image sizes)."""
+    shapes = np.array([np.asarray(d).shape[:2] for d in recon.depths], dtype=np.int64)
+    return write_glb(out_dir / "scene.glb", opts.points[0], opts.points[1], np.asarray(recon.c2w),
+                     np.asarray(recon.K), shapes[:, ::-1])
+
+
+WRITERS: dict[str, DatasetWriter] = {
+    "colmap": write_dataset_colmap,
+    "ply": write_dataset_ply,
+    "nerfstudio": write_dataset_nerfstudio,
+    "glb": write_dataset_glb,
+}
+"""Export formats in writing order: name -> writer (the keys are `FORMATS` and the CLI's `--formats` choices)."""
+
+FORMATS = tuple(WRITERS)
+
+
+def copy_images(recon: Reconstruction, sources: str | os.PathLike | Sequence[str | os.PathLike],
+                out_dir: str | os.PathLike) -> Path:
     """Copy the original images to `out_dir/<name>` so that COLMAP/nerfstudio see them as the reconstruction did.
 
     sources: a folder holding `recon.names`, or one path per image in reconstruction order. Files without EXIF
@@ -67,7 +125,7 @@ def copy_images(recon: Any, sources: str | os.PathLike | Sequence[str | os.PathL
         if tuple(size) != (int(w), int(h)):
             raise ExportError(f"image {src} is {size[0]}x{size[1]} (upright) but the reconstruction expects {w}x{h}; "
                               "wrong image for this reconstruction?")
-        with atomic_file(dst, "image copy") as tmp:
+        with atomic_file(dst, "image copy", error=ExportError) as tmp:
             if upright is None:
                 shutil.copyfile(src, tmp)
             else:
@@ -78,7 +136,7 @@ def copy_images(recon: Any, sources: str | os.PathLike | Sequence[str | os.PathL
 
 
 def export_dataset(
-    recon: Any,
+    recon: Reconstruction,
     out_dir: str | os.PathLike,
     formats: Sequence[str] = FORMATS,
     images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -89,31 +147,22 @@ def export_dataset(
 ) -> dict[str, Path]:
     """Export `recon` into `out_dir` (layout in the module docstring); returns {format: path written}.
 
-    formats: any of "colmap", "ply", "nerfstudio", "glb". images: folder or per-image paths of the original
-    images to copy into `out_dir/images` (skipped when None). conf_thr/max_points: point-cloud options passed to
-    `recon.pointcloud` (its defaults when None; max_points=0: no cap).
+    formats: any of the `WRITERS` keys (`FORMATS`). images: folder or per-image paths of the original images to
+    copy into `out_dir/images` (returned as "images"; skipped when None). conf_thr/max_points: point-cloud options
+    passed to `recon.pointcloud` (its defaults when None; max_points=0: no cap).
     """
     validate_recon(recon)
-    unknown = [f for f in formats if f not in FORMATS]
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in WRITERS]
     if unknown:
-        raise ExportError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
+        raise ExportError(f"unknown export format(s) {unknown}; choose from {list(WRITERS)}")
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
-    points = get_pointcloud(recon, conf_thr, max_points)
+    opts = DatasetOptions(points=get_pointcloud(recon, conf_thr, max_points), formats=formats, text=text,
+                          shared_camera=shared_camera)
     if images is not None:
         written["images"] = copy_images(recon, images, out_dir / "images")
-    if "colmap" in formats:
-        written["colmap"] = write_colmap(recon, out_dir / "sparse" / "0", text=text, shared_camera=shared_camera,
-                                         points=points)
-    if "ply" in formats:
-        written["ply"] = write_ply(out_dir / "sparse_pc.ply", points[0], points[1])
-    if "nerfstudio" in formats:
-        written["nerfstudio"] = write_transforms_json(
-            recon, out_dir, ply_name="sparse_pc.ply" if "ply" in formats else None, write_ply_file=False
-        )
-    if "glb" in formats:
-        shapes = np.array([np.asarray(d).shape[:2] for d in recon.depths], dtype=np.int64)
-        written["glb"] = write_glb(out_dir / "scene.glb", points[0], points[1], np.asarray(recon.c2w),
-                                   np.asarray(recon.K), shapes[:, ::-1])
+    for name, write in WRITERS.items():
+        if name in opts.formats:
+            written[name] = write(recon, out_dir, opts)
     return written
-

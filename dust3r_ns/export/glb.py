@@ -1,8 +1,8 @@
 """glTF binary (.glb) scene of a reconstruction with trimesh: coloured point cloud + camera frusta as lines.
 
-The world is turned 180 degrees about x (y and z negated) by default, so a reconstruction in OpenCV-like axes
-(y down, z forward) appears upright in glTF viewers (y up). Frusta: apex at the camera centre, the image
-rectangle at `frustum_depth` in front, and a small triangle above the top edge marking "up".
+The world is turned 180 degrees about x (y and z negated, `conventions.OPENCV_TO_GLTF_WORLD`) by default, so a
+reconstruction in OpenCV-like axes (y down, z forward) appears upright in glTF viewers (y up). Frusta: apex at the
+camera centre, the image rectangle at `frustum_depth` in front, and a small triangle above the top edge marking "up".
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import ExportError, atomic_file
+from .. import conventions as cv
+from ..fileio import atomic_file
+from ._common import ExportError
 
 __all__ = ["write_glb", "load_glb", "frustum_segments", "GLB_WORLD_FLIP"]
 
-GLB_WORLD_FLIP = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenCV-like world -> y-up glTF world
+GLB_WORLD_FLIP = cv.OPENCV_TO_GLTF_WORLD  # OpenCV-like world -> y-up glTF world (the conventions constant)
 
 
 def _default_depth(xyz: np.ndarray, centres: np.ndarray) -> float:
@@ -94,7 +96,7 @@ def write_glb(
     if rgb.dtype != np.uint8:
         rgb = (np.round(np.clip(rgb, 0, 1) * 255) if np.issubdtype(rgb.dtype, np.floating) else rgb).astype(np.uint8)
     depth = float(frustum_depth) if frustum_depth is not None else _default_depth(xyz, c2w[:, :3, 3])
-    world = GLB_WORLD_FLIP if opengl_world else np.eye(4)
+    world = cv.OPENCV_TO_GLTF_WORLD if opengl_world else np.eye(4)
 
     scene = trimesh.Scene()
     if len(xyz):
@@ -112,7 +114,7 @@ def write_glb(
         raise ExportError(f"write_glb({path}): nothing to write (no points and no cameras)")
     data = scene.export(file_type="glb")
     path = Path(path)
-    with atomic_file(path, "GLB file") as tmp:
+    with atomic_file(path, "GLB file", error=ExportError) as tmp:
         tmp.write_bytes(data)
     return path
 

@@ -19,14 +19,16 @@ from typing import Any
 import numpy as np
 
 from .. import conventions as cv
-from ._common import ExportError, atomic_file, check_images, get_pointcloud, intrinsics_orig, validate_recon
+from ..scene import Reconstruction
+from ..fileio import atomic_file
+from ._common import ExportError, check_images, get_pointcloud, intrinsics_orig, validate_recon
 from .ply import write_ply
 
 __all__ = ["write_transforms_json", "read_transforms_json"]
 
 
 def write_transforms_json(
-    recon: Any,
+    recon: Reconstruction,
     out_dir: str | os.PathLike,
     images_subdir: str = "images",
     ply_name: str | None = "sparse_pc.ply",
@@ -73,7 +75,7 @@ def write_transforms_json(
             raise ExportError(f"{out_dir / ply_name} does not exist; write the PLY first or pass write_ply_file=True")
         meta["ply_file_path"] = ply_name
     path = out_dir / "transforms.json"
-    with atomic_file(path, "transforms.json") as tmp:
+    with atomic_file(path, "transforms.json", error=ExportError) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return path
 

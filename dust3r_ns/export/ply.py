@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import ExportError, atomic_file
+from ..fileio import atomic_file
+from ._common import ExportError
 
 __all__ = ["write_ply", "read_ply"]
 
@@ -58,7 +59,7 @@ def write_ply(path: str | os.PathLike, xyz: np.ndarray, rgb: np.ndarray | None =
         "end_header\n"
     ).encode("ascii")
     path = Path(path)
-    with atomic_file(path, "PLY file") as tmp:
+    with atomic_file(path, "PLY file", error=ExportError) as tmp:
         with open(tmp, "wb") as f:
             f.write(header)
             f.write(data.tobytes())

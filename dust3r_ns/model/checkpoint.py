@@ -3,7 +3,8 @@
 Reading is defensive: `.pth` files go through `torch.load(weights_only=True)` with only `argparse.Namespace`
 allow-listed, the constructor string stored in them is parsed with `ast` (never evaluated), names and shapes
 are compared with the model before a strict load, and every failure is a one-line `CheckpointError` naming
-the file and what to do. Writing is atomic (temporary file in the same folder, then `os.replace`).
+the file and what to do. Writing is atomic (`fileio.atomic_write`: temporary file in the same folder, then
+replaced).
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import math
 import os
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from ..fileio import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -722,23 +724,6 @@ def load_croco_init(model: nn.Module, source: str | os.PathLike) -> dict[str, li
 # Writing
 # --------------------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _plain(value: Any, key: str) -> Any:
     """Values allowed in saved args: what a weights-only load reads back (Paths become strings)."""
     if isinstance(value, os.PathLike):
@@ -778,7 +763,7 @@ def save_pth(model: nn.Module, path: str | os.PathLike, args: argparse.Namespace
         if k in ("model", "args"):
             raise CheckpointError(f"save_pth: entry name '{k}' is reserved")
         ckpt[k] = v
-    _atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp), "checkpoint", error=CheckpointError)
     return path
 
 
@@ -822,10 +807,11 @@ def save_hf(model: nn.Module, folder: str | os.PathLike) -> Path:
         tensors[k] = t
     text = json.dumps({k: _json_value(v) for k, v in cfg.items()}, indent=2) + "\n"
 
-    def write_cfg(tmp: str) -> None:
+    def write_cfg(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(folder / _HF_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(folder / _HF_CONFIG, write_cfg)
+    atomic_write(folder / _HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "weights file",
+                 error=CheckpointError)
+    atomic_write(folder / _HF_CONFIG, write_cfg, "model config", error=CheckpointError)
     return folder

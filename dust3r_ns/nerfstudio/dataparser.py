@@ -51,10 +51,6 @@ from dust3r_ns.nerfstudio.scene_cache import (
     model_identity,
 )
 
-# DUSt3R world (OpenCV-like: y down, z forward) -> z-up world, as nerfstudio's COLMAP parser does.
-WORLD_PERMUTATION = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1.0]])
-
-
 @dataclass
 class Dust3rDataParserConfig(DataParserConfig):
     """Photos folder -> DUSt3R reconstruction (cached) -> nerfstudio cameras and seed points."""
@@ -164,10 +160,10 @@ class Dust3rDataParser(DataParser):
 
         # poses: OpenCV -> OpenGL camera axes, world permutation, orientation + centring, scale
         c2w_gl = cv.opencv_to_opengl_c2w(np.asarray(rec.c2w, dtype=np.float64))
-        poses = torch.from_numpy(WORLD_PERMUTATION @ c2w_gl).float()
+        poses = torch.from_numpy(cv.OPENCV_TO_ZUP_WORLD @ c2w_gl).float()
         poses, orient = camera_utils.auto_orient_and_center_poses(
             poses, method=c.orientation_method, center_method=c.center_method)
-        transform = orient.double().numpy() @ WORLD_PERMUTATION  # (3,4): reconstruction world -> nerfstudio world
+        transform = orient.double().numpy() @ cv.OPENCV_TO_ZUP_WORLD  # (3,4): reconstruction world -> nerfstudio world
         conf_thr = c.points.conf_thr
         xyz, rgb, src = rec.pointcloud(conf_thr=conf_thr, max_points=c.points.max_points or None)
         if len(xyz) < 4:

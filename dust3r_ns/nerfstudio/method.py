@@ -48,7 +48,7 @@ def make_config() -> TrainerConfig:
         machine=MachineConfig(device_type="cuda" if cuda else "cpu"),
         pipeline=VanillaPipelineConfig(
             datamanager=FullImageDatamanagerConfig(
-                # fewer seed points on the slow CPU path (its time per iteration grows with the Gaussians)
+                # fewer seed points on the CPU path (the dense rasterizer's cost grows with the Gaussian count)
                 dataparser=Dust3rDataParserConfig(points=PointsConfig(max_points=100_000 if cuda else 20_000)),
                 cache_images_type="uint8"),
             model=Dust3rSplatfactoModelConfig(),

@@ -7,7 +7,7 @@ On a CUDA machine rendering is splatfacto's own (gsplat), untouched. The differe
 Without CUDA, or with the model on the CPU (slow path for tests and demos):
 - `get_outputs` renders with the pure-PyTorch `rasterizer.rasterize_dense` (no `.cuda()`, no torch.compile);
 - without CUDA, gsplat's CUDA back-end module is replaced by a stub that raises, so nothing can start gsplat's
-  CUDA JIT build (which takes about an hour on 2 cores and cannot run without a GPU anyway).
+  CUDA JIT build (which cannot run without a GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
 
+from dust3r_ns.conventions import opengl_c2w_to_opencv_w2c_torch
 from dust3r_ns.nerfstudio.rasterizer import rasterize_dense
 
 
@@ -40,7 +41,7 @@ class _NoCudaBackend:
 
 
 def block_gsplat_cuda_jit() -> None:
-    """Without CUDA, make gsplat's lazy CUDA back-end a stub that raises instead of JIT-compiling (~1 h, useless)."""
+    """Without CUDA, make gsplat's lazy CUDA back-end a stub that raises instead of starting its CUDA JIT build."""
     name = "gsplat.cuda._backend"
     if cpu_fallback_active() and name not in sys.modules:
         stub = types.ModuleType(name)
@@ -77,16 +78,6 @@ def _lpips_or_nan() -> Iterator[None]:
         yield
     finally:
         lpip_mod.LearnedPerceptualImagePatchSimilarity = real  # type: ignore[assignment]
-
-
-def _viewmat_from_opengl_c2w(c2w: Tensor) -> Tensor:
-    """(C,3,4) OpenGL camera-to-world -> (C,4,4) OpenCV world-to-camera (differentiable; torch twin of
-    `conventions.opencv_to_opengl_c2w` + `c2w_to_w2c`, kept in torch for the camera-optimizer gradients)."""
-    R = c2w[:, :3, :3] * torch.tensor([1.0, -1.0, -1.0], dtype=c2w.dtype, device=c2w.device)
-    t = c2w[:, :3, 3:4]
-    Rt = R.transpose(1, 2)
-    bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=c2w.dtype, device=c2w.device).expand(c2w.shape[0], 1, 4)
-    return torch.cat([torch.cat([Rt, -Rt @ t], 2), bottom], 1)
 
 
 @dataclass
@@ -164,7 +155,7 @@ class Dust3rSplatfactoModel(SplatfactoModel):
         render, alpha, self.info = rasterize_dense(
             means=params["means"], quats=params["quats"], scales=torch.exp(params["scales"]),
             opacities=torch.sigmoid(params["opacities"]).squeeze(-1), colors=colors,
-            viewmats=_viewmat_from_opengl_c2w(c2w), Ks=K, width=W, height=H, near_plane=0.01, far_plane=1e10,
+            viewmats=opengl_c2w_to_opencv_w2c_torch(c2w), Ks=K, width=W, height=H, near_plane=0.01, far_plane=1e10,
             render_mode=render_mode, sh_degree=sh_degree, absgrad=self.strategy.absgrad,
             rasterize_mode=self.config.rasterize_mode, chunk_elems=self.config.cpu_chunk_elems)
         if self.training:

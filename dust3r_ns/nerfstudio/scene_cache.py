@@ -23,9 +23,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from dust3r_ns.fileio import default_permissions
+from dust3r_ns.images import IMAGE_EXTENSIONS, register_heif
+
 CACHE_KIND = "dust3r_ns.nerfstudio.cache"
 CACHE_VERSION = 1
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif")
 # what nerfstudio's loader (PIL, no EXIF handling, np.uint8 cast) reads correctly as it is
 _NS_FORMATS = ("JPEG", "PNG")
 _NS_MODES = ("RGB", "RGBA", "L")
@@ -54,21 +56,12 @@ class CachedScene:
     hit: bool
 
 
-def _register_heif() -> None:
-    try:
-        import pillow_heif  # type: ignore[import-not-found]
-
-        pillow_heif.register_heif_opener()
-    except ImportError:
-        pass
-
-
 def inspect_photo(path: Path) -> PhotoInfo:
     """Open and decode one photo; raise SceneError naming the file when it is not a readable image."""
     from PIL import Image, ImageOps
 
     if path.suffix.lower() in (".heic", ".heif"):
-        _register_heif()
+        register_heif()
     try:
         with Image.open(path) as im:
             im.load()
@@ -90,11 +83,11 @@ def list_images(folder: Path) -> list[PhotoInfo]:
     if not folder.is_dir():
         raise SceneError(f"{folder}: --data must be a folder of photos, not a file")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    photos = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    photos = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not photos:
         what = f"only {len(files)} non-image file(s) such as {files[0].name}" if files else "nothing"
         raise SceneError(f"{folder}: no photos found ({what}); put at least 2 images "
-                         f"({', '.join(IMAGE_SUFFIXES)}) in the folder")
+                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder")
     if len(photos) < 2:
         raise SceneError(f"{folder}: only one photo ({photos[0].name}); DUSt3R needs at least 2 overlapping photos")
     return [inspect_photo(p) for p in photos]
@@ -146,7 +139,7 @@ def _write_upright_copy(src: Path, dst: Path) -> tuple[int, int]:
     from PIL import Image, ImageOps
 
     if src.suffix.lower() in (".heic", ".heif"):
-        _register_heif()
+        register_heif()
     with Image.open(src) as im:
         up = ImageOps.exif_transpose(im)
         keep_alpha = up.mode in ("RGBA", "LA", "PA") or (up.mode == "P" and "transparency" in up.info)
@@ -192,7 +185,12 @@ def _image_files(entry: Path, photos: Sequence[PhotoInfo]) -> list[Path]:
 
 def _write_entry(root: Path, entry: Path, key: str, hashes: list[str], photos: Sequence[PhotoInfo], rec,
                  options: dict[str, Any], model_id: str) -> None:
-    """Assemble the entry in a temporary folder next to it and rename it into place."""
+    """Assemble the entry in a temporary folder next to it and rename it into place.
+
+    The entry's files are written inside the temporary folder (the reconstruction with `fileio.atomic_file`), which
+    then gets the permissions the umask gives new folders and files (`fileio.default_permissions`); an existing
+    entry is moved aside, replaced in one rename, then deleted.
+    """
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=root))
@@ -212,6 +210,7 @@ def _write_entry(root: Path, entry: Path, key: str, hashes: list[str], photos: S
                     "options": options, "images": [[ph.path.name, h, list(ph.size), ph.needs_copy]
                                                    for ph, h in zip(photos, hashes)]}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # written last: marks completeness
+        default_permissions(tmp)
         if entry.exists():
             trash = root / f".{entry.name}.old{os.getpid()}"
             shutil.rmtree(trash, ignore_errors=True)

@@ -8,30 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..fileio import atomic_write
 from .cameras import camera_path
 from .render import render_views
 from .scene import make_scene
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp creates 0600 files; use the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def make_examples(out: str | Path = "examples/synthetic_room", seed: int = 3, n: int = 5, H: int = 384,
@@ -45,14 +30,15 @@ def make_examples(out: str | Path = "examples/synthetic_room", seed: int = 3, n:
     paths = []
     for k, v in enumerate(views):
         p = out / f"view_{k:02d}.png"
-        _atomic_write(p, lambda tmp, rgb=v["rgb"]: Image.fromarray(rgb).save(tmp, format="PNG", optimize=True))
+        atomic_write(p, lambda tmp, rgb=v["rgb"]: Image.fromarray(rgb).save(tmp, format="PNG", optimize=True),
+                     "example view")
         paths.append(p)
     meta = dict(convention="OpenCV camera-to-world (x right, y down, z forward), world up +z; K in pixels, "
                            "pixel (u, v) has continuous coordinate (u, v)",
                 seed=seed, height=H, width=W, images=[p.name for p in paths],
                 c2w=np.asarray(c2w).tolist(), K=np.asarray(K).tolist())
     js = out / "cameras.json"
-    _atomic_write(js, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    atomic_write(js, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)), "cameras.json")
     return paths + [js]
 
 

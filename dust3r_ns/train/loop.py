@@ -5,7 +5,7 @@ One process or `torchrun --nproc_per_node=N` (DistributedDataParallel; NCCL on G
 AMP on CUDA, gradient clipping, seeded data order, eval every K epochs, tensorboard scalars, tqdm progress.
 Checkpoints `checkpoint-last.pth` / `checkpoint-best.pth` in the official `.pth` layout plus optimiser, scaler,
 epoch/step and RNG state, written atomically by rank 0 only; `--resume last` continues exactly.
-Presets: `--preset NAME` loads configs/NAME.json (or a .json path); command-line flags override it.
+Presets: `--preset NAME` loads the package's configs/NAME.json (or a .json path); command-line flags override it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -28,15 +29,15 @@ TINY_MODEL = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='Pat
               "head_type='linear', output_mode='pts3d', depth_mode=('exp', -inf, inf), conf_mode=('exp', 1, inf), "
               "enc_embed_dim=192, enc_depth=6, enc_num_heads=3, dec_embed_dim=128, dec_depth=4, dec_num_heads=4, "
               "landscape_only=False)")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = resources.files("dust3r_ns") / "configs"  # the presets, package data (also in an installed wheel)
 
 
 @dataclass
 class TrainConfig:
-    """Train DUSt3R (`dust3r-ns train`). Every field is a flag; `--preset NAME` loads configs/NAME.json first."""
+    """Train DUSt3R (`dust3r-ns train`). Every field is a flag; `--preset NAME` loads a preset first."""
 
     preset: str = ""
-    """Preset name (configs/NAME.json) or path to a .json file with TrainConfig fields."""
+    """Preset name (dust3r_ns/configs/NAME.json) or path to a .json file with TrainConfig fields."""
     model: str = TINY_MODEL
     """Constructor string of the network (as in the official checkpoints' args.model)."""
     pretrained: str = ""
@@ -90,13 +91,20 @@ class TrainConfig:
     """End the run (evaluated and saved as usual) after this epoch while the lr schedule still spans `epochs`."""
 
 
+def preset_names() -> list[str]:
+    """Names of the presets shipped in the package (dust3r_ns/configs/*.json)."""
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(q.name[: -len(".json")] for q in CONFIG_DIR.iterdir() if q.is_file() and q.name.endswith(".json"))
+
+
 def load_preset(name: str) -> dict:
-    """Fields of a preset: configs/NAME.json (repository) or a path to a .json file."""
+    """Fields of a preset: dust3r_ns/configs/NAME.json (package data) or a path to a .json file."""
     p = Path(name)
     if p.suffix != ".json":
-        p = CONFIG_DIR / f"{name}.json"
+        p = CONFIG_DIR / f"{name}.json"  # type: ignore[assignment]  # a Traversable
     if not p.is_file():
-        known = sorted(q.stem for q in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.is_dir() else []
+        known = preset_names()
         raise FileNotFoundError(f"train preset {name!r}: {p} not found (known presets: {', '.join(known) or 'none'})")
     try:
         data = json.loads(p.read_text())

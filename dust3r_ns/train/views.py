@@ -1,7 +1,7 @@
 """View processing shared by the training datasets: crop/resize with intrinsics, colour jitter, point maps.
 
 Pixel convention (as the package): pixel (u, v) has continuous coordinate (u, v); resizing by s maps u to
-(u + 0.5) * s - 0.5, cropping at x0 maps u to u - x0.
+(u + 0.5) * s - 0.5, cropping at x0 maps u to u - x0 (both `conventions` transforms (sx, sy, x0, y0)).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+
+from .. import conventions as cv
 
 
 def rescale_crop(rgb: np.ndarray, depth: np.ndarray, K: np.ndarray, size_wh: tuple[int, int],
@@ -22,24 +24,25 @@ def rescale_crop(rgb: np.ndarray, depth: np.ndarray, K: np.ndarray, size_wh: tup
     h0, w0 = depth.shape
     if rgb.shape[:2] != (h0, w0):
         raise ValueError(f"rescale_crop: image {rgb.shape[:2]} and depth {depth.shape} sizes differ")
-    K = np.asarray(K, np.float64).copy()
+    K = np.asarray(K, np.float64)
     s = max(W / w0, H / h0)
     w1, h1 = max(W, int(round(w0 * s))), max(H, int(round(h0 * s)))
     sx, sy = w1 / w0, h1 / h0
     img = np.asarray(Image.fromarray(rgb).resize((w1, h1), Image.LANCZOS)) if (w1, h1) != (w0, h0) else rgb
-    # nearest neighbour: new pixel u1 samples old pixel round((u1 + 0.5) / sx - 0.5)
-    ui = np.clip(np.round((np.arange(w1) + 0.5) / sx - 0.5).astype(int), 0, w0 - 1)
-    vi = np.clip(np.round((np.arange(h1) + 0.5) / sy - 0.5).astype(int), 0, h0 - 1)
+    resize = (sx, sy, 0.0, 0.0)  # a `conventions` transform: u1 = (u + 0.5) * sx - 0.5
+    # nearest neighbour: new pixel u1 samples the old pixel nearest to (u1 + 0.5) / sx - 0.5
+    ui = np.arange(w1, dtype=np.float64)
+    vi = np.arange(h1, dtype=np.float64)
+    ui = cv.pixel_net_to_orig(np.stack([ui, np.zeros_like(ui)], -1), resize)[:, 0]
+    vi = cv.pixel_net_to_orig(np.stack([np.zeros_like(vi), vi], -1), resize)[:, 1]
+    ui = np.clip(np.round(ui).astype(int), 0, w0 - 1)
+    vi = np.clip(np.round(vi).astype(int), 0, h0 - 1)
     dep = depth[vi][:, ui]
     msk = (mask[vi][:, ui] if mask is not None else np.ones_like(dep, bool))
-    K[0] *= sx
-    K[1] *= sy
-    K[0, 2] += 0.5 * sx - 0.5
-    K[1, 2] += 0.5 * sy - 0.5
+    K = cv.K_orig_to_net(K, resize)
     x0 = int(np.clip(round(K[0, 2] - (W - 1) / 2), 0, w1 - W))
     y0 = int(np.clip(round(K[1, 2] - (H - 1) / 2), 0, h1 - H))
-    K[0, 2] -= x0
-    K[1, 2] -= y0
+    K = cv.K_orig_to_net(K, (1.0, 1.0, float(x0), float(y0)))  # crop: u -> u - x0
     return (np.ascontiguousarray(img[y0:y0 + H, x0:x0 + W]), np.ascontiguousarray(dep[y0:y0 + H, x0:x0 + W]),
             K, np.ascontiguousarray(msk[y0:y0 + H, x0:x0 + W]))
 
