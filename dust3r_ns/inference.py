@@ -9,6 +9,8 @@ pairs, ``batch_size`` pairs at a time. Pairs are (`View`, `View`) tuples (`make_
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 from collections import defaultdict
 
 import torch
@@ -154,3 +156,15 @@ def inference_per_pair(pairs, model, device="cpu", verbose: bool = False) -> Pai
         chunks1.append({k: v.cpu() for k, v in r1.items()})
         chunks2.append({k: v.cpu() for k, v in r2.items()})
     return _predictions(views, pairs, chunks1, chunks2, same)
+
+
+class _EngineModule(types.ModuleType):
+    """This module, callable as its `inference` function: `from dust3r_ns import inference` gives this module
+    once it has been imported (Python binds submodules on their package), and it must still run pairs."""
+
+    def __call__(self, pairs, model, device="cpu", batch_size: int = 8, amp=None, verbose: bool = True
+                 ) -> PairPredictions:
+        return inference(pairs, model, device=device, batch_size=batch_size, amp=amp, verbose=verbose)
+
+
+sys.modules[__name__].__class__ = _EngineModule
