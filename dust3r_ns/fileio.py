@@ -128,3 +128,49 @@ def atomic_dir(out_dir: str | os.PathLike, managed_names: Sequence[str] = (), wh
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_npz(path: str | os.PathLike, arrays: dict, kind: str, version: int, what: str,
+             error: type[Exception] = OutputError) -> Path:
+    """Write `arrays` as one versioned `.npz` (`format_kind`, `format_version` added) atomically."""
+    import numpy as np
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise error(f"{path}: {what} files must end in .npz")
+    tagged = {"format_kind": np.array(kind), "format_version": np.array(version), **arrays}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **tagged)
+
+    return atomic_write(path, write, what, error)
+
+
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike, kind: str, version: int, what: str, fix: str,
+             error: type[Exception] = OutputError) -> Iterator:
+    """Open a `.npz` written by `save_npz` with `kind` and a version up to `version`; every problem (missing,
+    unreadable, another kind, newer version, a missing array while reading) raises `error` naming the file, the
+    problem and `fix`."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such {what} file; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "format_kind" not in z.files or str(z["format_kind"]) != kind:
+                raise error(f"{path}: not a dust3r_ns {what} file (format_kind is not {kind}); {fix}")
+            found = int(z["format_version"])
+            if found > version:
+                raise error(f"{path}: {what} format version {found} unsupported (this build reads up to {version}); "
+                            "upgrade dust3r_ns")
+            yield z
+    except error:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
+        raise error(f"{path}: not a readable {what} file, truncated or corrupt ({type(e).__name__}: "
+                    f"{str(e)[:80]}); {fix}") from None

@@ -14,7 +14,6 @@ dict (`view1`/`view2`/`pred1`/`pred2`), which survives only as this adapter.
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -22,7 +21,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-from dust3r_ns.fileio import atomic_write
+from dust3r_ns.fileio import open_npz, save_npz
 from dust3r_ns.images import ImageInfo, normalize
 
 FORMAT_KIND = "dust3r_ns.PairPredictions"
@@ -206,11 +205,7 @@ class PairPredictions:
     def save(self, path: str | os.PathLike) -> Path:
         """Write one `.npz` atomically: format tag, edges, per-image metadata and colours, the maps (stacked
         arrays when uniform, else one array per edge and side)."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise PredictionsError(f"{path}: pair prediction files must end in .npz")
         arrays: dict[str, np.ndarray] = {
-            "format_kind": np.array(FORMAT_KIND), "format_version": np.array(FORMAT_VERSION),
             "edges": self.edges, "names": np.array(self.names, dtype=np.str_),
             "paths": np.array([im.path for im in self.images], dtype=np.str_),
             "orig_sizes": np.array([im.orig_size for im in self.images], dtype=np.int64).reshape(-1, 2),
@@ -226,43 +221,25 @@ class PairPredictions:
             else:
                 for e, m in enumerate(maps):
                     arrays[f"{key}_{e}"] = m.detach().cpu().numpy()
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        return atomic_write(path, write, "pair predictions", PredictionsError)
+        return save_npz(path, arrays, FORMAT_KIND, FORMAT_VERSION, "pair predictions", PredictionsError)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PairPredictions":
         """Read a file written by `save`; raise PredictionsError naming the file when it is not one or is damaged."""
         path = Path(path)
-        if not path.is_file():
-            raise PredictionsError(f"{path}: no such file; pass a pair predictions .npz written by `dust3r-ns infer`")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "format_kind" not in z.files or str(z["format_kind"]) != FORMAT_KIND:
-                    raise PredictionsError(f"{path}: not a pair predictions file (written by `dust3r-ns infer`)")
-                version = int(z["format_version"])
-                if version > FORMAT_VERSION:
-                    raise PredictionsError(f"{path}: format version {version} is newer than this dust3r_ns reads "
-                                           f"({FORMAT_VERSION}); upgrade dust3r_ns")
-                edges = z["edges"]
-                names, paths = [str(s) for s in z["names"]], [str(s) for s in z["paths"]]
-                sizes, transforms = z["orig_sizes"], z["transforms"]
-                images = [ImageInfo(name=names[k], path=paths[k], orig_size=(int(sizes[k, 0]), int(sizes[k, 1])),
-                                    transform=transforms[k].astype(np.float64), rgb=z[f"rgb_{k}"])
-                          for k in range(len(names))]
-                if bool(z["uniform"]):
-                    maps = [torch.from_numpy(z[key]) for key in ("pts1", "pts2", "conf1", "conf2")]
-                else:
-                    maps = [[torch.from_numpy(z[f"{key}_{e}"]) for e in range(len(edges))]
-                            for key in ("pts1", "pts2", "conf1", "conf2")]
-        except PredictionsError:
-            raise
-        except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
-            raise PredictionsError(f"{path}: unreadable or incomplete pair predictions file ({type(e).__name__}: "
-                                   f"{str(e)[:80]}); run `dust3r-ns infer` again") from None
+        with open_npz(path, FORMAT_KIND, FORMAT_VERSION, "pair predictions", "run `dust3r-ns infer` again",
+                      PredictionsError) as z:
+            edges = z["edges"]
+            names, paths = [str(s) for s in z["names"]], [str(s) for s in z["paths"]]
+            sizes, transforms = z["orig_sizes"], z["transforms"]
+            images = [ImageInfo(name=names[k], path=paths[k], orig_size=(int(sizes[k, 0]), int(sizes[k, 1])),
+                                transform=transforms[k].astype(np.float64), rgb=z[f"rgb_{k}"])
+                      for k in range(len(names))]
+            if bool(z["uniform"]):
+                maps = [torch.from_numpy(z[key]) for key in ("pts1", "pts2", "conf1", "conf2")]
+            else:
+                maps = [[torch.from_numpy(z[f"{key}_{e}"]) for e in range(len(edges))]
+                        for key in ("pts1", "pts2", "conf1", "conf2")]
         try:
             preds = cls(images=images, edges=edges, pts1=maps[0], pts2=maps[1], conf1=maps[2], conf2=maps[3])
             preds.check_values()

@@ -67,8 +67,9 @@ def test_damaged_files_name_the_file(tmp_path):
     data = good.read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
-    for name, match in (("cut.npz", "unreadable"), ("other.npz", "not a pair predictions file"),
-                        ("missing.npz", "no such file")):
+    for name, match in (("cut.npz", "not a readable pair predictions file"),
+                        ("other.npz", "not a dust3r_ns pair predictions file"),
+                        ("missing.npz", "no such pair predictions file")):
         with pytest.raises(PredictionsError, match=match) as e:
             PairPredictions.load(tmp_path / name)
         assert name in str(e.value) and "\n" not in str(e.value)
