@@ -15,9 +15,10 @@ from pathlib import Path
 import tyro
 
 from dust3r_ns.export.cli import ExportConfig, run as run_export
-from dust3r_ns.pipeline import Network, NetworkConfig, Pairs, PairsConfig, run_pairs
+from dust3r_ns.pipeline import Network, NetworkConfig, Pairs, PairsConfig, Video, run_pairs
 from dust3r_ns.predictions import PairPredictions
 from dust3r_ns.reconstruct import ReconstructConfig, run as run_reconstruct
+from dust3r_ns.video import VideoConfig
 
 
 @dataclass
@@ -26,18 +27,20 @@ class InferConfig:
     reconstruct PAIRS.npz` aligns and exports them later."""
 
     images: tyro.conf.Positional[list[Path]]
-    """Image files or one folder of images."""
+    """Image files, one folder of images, or one video clip."""
     out: Path = Path("pairs.npz")
     """Output file with the pair predictions."""
     network: Network = NetworkConfig()
     """Checkpoint and device of the network."""
     pairs: Pairs = PairsConfig()
     """Image size and pair graph."""
+    video: Video = VideoConfig()
+    """Frame sampling when the input is one video clip (--fps, --num-frames, --min-sharpness)."""
 
 
 def run_infer(cfg: InferConfig) -> PairPredictions:
     t0 = time.perf_counter()
-    preds = run_pairs(cfg.images, cfg.network, cfg.pairs)
+    preds = run_pairs(cfg.images, cfg.network, cfg.pairs, video=cfg.video)
     preds.save(cfg.out)
     print(f"wrote {cfg.out}: {preds.n_edges} pairs, mean confidence {preds.mean_confidence():.2f}, "
           f"{time.perf_counter() - t0:.1f} s")

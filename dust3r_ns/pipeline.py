@@ -23,6 +23,7 @@ from dust3r_ns.model.checkpoint import load_model
 from dust3r_ns.pairs import default_scene_graph, make_pairs
 from dust3r_ns.predictions import PairPredictions
 from dust3r_ns.scene import Reconstruction
+from dust3r_ns.video import VideoConfig, frames_folder, is_video
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"
 
@@ -70,6 +71,7 @@ class PointsConfig:
 Network = Annotated[NetworkConfig, tyro.conf.OmitArgPrefixes]
 Pairs = Annotated[PairsConfig, tyro.conf.OmitArgPrefixes]
 Points = Annotated[PointsConfig, tyro.conf.OmitArgPrefixes]
+Video = Annotated[VideoConfig, tyro.conf.OmitArgPrefixes]
 
 
 def default_model_source() -> str:
@@ -101,20 +103,24 @@ def image_size_of(net: torch.nn.Module) -> int:
     return 224 if side <= 224 else 512
 
 
-def load_views(images: Sequence[str | Path] | str | Path, pairs: PairsConfig, net: torch.nn.Module) -> list[View]:
-    """Preprocessed views of image files or of one folder, at the configured size (default: the model's)."""
+def load_views(images: Sequence[str | Path] | str | Path, pairs: PairsConfig, net: torch.nn.Module,
+               video: VideoConfig = VideoConfig()) -> list[View]:
+    """Preprocessed views of image files, of one folder, or of one video clip's sampled frames (`video`), at the
+    configured size (default: the model's)."""
     if not isinstance(images, (str, Path)):
         images = list(images)
         if len(images) == 1:
             images = images[0]
+    if isinstance(images, (str, Path)) and is_video(images):
+        images = frames_folder(images, video)
     return load_images(images, size=pairs.image_size or image_size_of(net))
 
 
 def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConfig = PairsConfig(),
-              verbose: bool = True) -> PairPredictions:
-    """Load the model and the images, build the pair graph and run the engine on every pair."""
+              verbose: bool = True, video: VideoConfig = VideoConfig()) -> PairPredictions:
+    """Load the model and the images (or a clip's frames), build the pair graph and run the engine on every pair."""
     net = load_network(network)
-    views = load_views(images, pairs, net)
+    views = load_views(images, pairs, net, video)
     graph = pairs.scene_graph or default_scene_graph(len(views))
     pair_list = make_pairs(views, scene_graph=graph, symmetrize=True)
     if verbose:
@@ -132,7 +138,8 @@ def align(preds: PairPredictions, cfg: AlignConfig = AlignConfig(), points: Poin
 
 def reconstruct_images(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConfig = PairsConfig(),
                        align_cfg: AlignConfig = AlignConfig(), points: PointsConfig = PointsConfig(),
-                       verbose: bool = True) -> tuple[PairPredictions, Reconstruction]:
-    """Photos -> (pair predictions, reconstruction)."""
-    preds = run_pairs(images, network, pairs, verbose)
+                       verbose: bool = True, video: VideoConfig = VideoConfig()
+                       ) -> tuple[PairPredictions, Reconstruction]:
+    """Photos (or a video clip) -> (pair predictions, reconstruction)."""
+    preds = run_pairs(images, network, pairs, verbose, video)
     return preds, align(preds, align_cfg, points, network.device, verbose)

@@ -21,9 +21,11 @@ import tyro
 from dust3r_ns.align import AlignConfig
 from dust3r_ns.export.dataset import export_dataset
 from dust3r_ns.fileio import default_permissions
-from dust3r_ns.pipeline import Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, align, run_pairs
+from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, Video, align,
+                                run_pairs)
 from dust3r_ns.predictions import PairPredictions
 from dust3r_ns.scene import Reconstruction
+from dust3r_ns.video import VideoConfig
 
 
 @dataclass
@@ -31,7 +33,7 @@ class ReconstructConfig:
     """Reconstruct cameras, intrinsics and a coloured point cloud from unposed photos (or saved pair predictions)."""
 
     images: tyro.conf.Positional[list[Path]]
-    """Image files, one folder of images, or one pair predictions .npz written by `dust3r-ns infer`."""
+    """Image files, one folder of images, one video clip, or one pair predictions .npz written by `dust3r-ns infer`."""
     out: Path = Path("dust3r_out")
     """Output folder."""
     overwrite: bool = False
@@ -40,6 +42,8 @@ class ReconstructConfig:
     """Checkpoint and device of the network."""
     pairs: Pairs = PairsConfig()
     """Image size and pair graph."""
+    video: Video = VideoConfig()
+    """Frame sampling when the input is one video clip (--fps, --num-frames, --min-sharpness)."""
     align: AlignConfig = AlignConfig()
     """Global alignment."""
     points: Points = PointsConfig()
@@ -74,7 +78,7 @@ def run(cfg: ReconstructConfig) -> Reconstruction:
         preds = PairPredictions.load(saved)
         print(f"{saved}: {preds.n_images} images, {preds.n_edges} pairs (saved predictions)", file=sys.stderr)
     else:
-        preds = run_pairs(cfg.images, cfg.network, cfg.pairs)
+        preds = run_pairs(cfg.images, cfg.network, cfg.pairs, video=cfg.video)
     t_net = time.perf_counter() - t0
     rec = align(preds, cfg.align, cfg.points, cfg.network.device)
     t_align = time.perf_counter() - t0 - t_net
