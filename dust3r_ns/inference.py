@@ -17,7 +17,9 @@ import torch
 from tqdm import tqdm
 
 from dust3r_ns.images import View
+from dust3r_ns.pairs import graph_edges, is_retrieval, retrieval_edges
 from dust3r_ns.predictions import PairPredictions, PredictionsError
+from dust3r_ns.retrieval import vlad_descriptors
 
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,11 +109,40 @@ def inference(pairs, model, device="cpu", batch_size: int = 8, amp=None, verbose
     per-pair maps are lists, as the reference's are.
     """
     views, same = _check_pairs(pairs)
+    device, model = _prepare(model, device, batch_size)
+    feats = encode_images(model, views, device, batch_size, amp, verbose)
+    return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose)
+
+
+@torch.inference_mode()
+def inference_graph(views: list[View], model, scene_graph: str, device="cpu", batch_size: int = 8, amp=None,
+                    verbose: bool = True) -> PairPredictions:
+    """Encode every view once, choose the pairs of `scene_graph` (a retrieval graph ranks pairs by VLAD descriptors
+    of the encoder tokens, `retrieval.vlad_descriptors` + `pairs.retrieval_edges`), then decode only those pairs."""
+    if not views:
+        raise ValueError("no images: give at least one image")
+    pairs = [(views[0], views[0])] * 2 if len(views) == 1 else None
+    if pairs is None and not is_retrieval(scene_graph):
+        pairs = [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph)]
+    views_, same = _check_pairs(pairs or [(v, v) for v in views])
+    device, model = _prepare(model, device, batch_size)
+    feats = encode_images(model, views_, device, batch_size, amp, verbose)
+    if pairs is None:
+        desc = vlad_descriptors([feats[k][0] for k in range(len(views_))])
+        pairs = [(views_[i], views_[j]) for i, j in retrieval_edges(desc, scene_graph)]
+    return _decode_pairs(model, pairs, views_, same, feats, device, batch_size, amp, verbose)
+
+
+def _prepare(model, device, batch_size: int):
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    model = model.to(device).eval()
-    feats = encode_images(model, views, device, batch_size, amp, verbose)
+    return device, model.to(device).eval()
+
+
+def _decode_pairs(model, pairs, views: list[View], same: bool, feats: dict, device: torch.device, batch_size: int,
+                  amp, verbose: bool) -> PairPredictions:
+    """Decoders and heads over the pairs, `batch_size` consecutive pairs of equal shapes at a time."""
     chunks1, chunks2 = [], []
     bar = tqdm(total=len(pairs), desc="pairs", disable=not verbose, leave=False)
     start = 0

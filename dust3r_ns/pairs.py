@@ -1,4 +1,5 @@
-"""Scene graphs: which image pairs DUSt3R runs on (complete, swin-k, logwin-k, oneref-k, -noncyclic variants).
+"""Scene graphs: which image pairs DUSt3R runs on (complete, swin-k, logwin-k, oneref-k, -noncyclic variants, and
+retrieval-k[+swin-w], chosen by image content).
 
 Edges are unordered pairs listed as in the reference (complete: (i, j) for every j < i); `symmetrize` appends every
 pair in the other order, so each edge is predicted from both sides. One image gives the monocular pair (0, 0)
@@ -10,12 +11,37 @@ from __future__ import annotations
 
 import re
 
-GRAPH_HELP = "complete, swin-K, logwin-K, oneref-K (swin/logwin also with a -noncyclic suffix), K >= 1"
+import numpy as np
+
+GRAPH_HELP = ("complete, swin-K, logwin-K, oneref-K (swin/logwin also with a -noncyclic suffix), retrieval-K or "
+              "retrieval-K+swin-W (K nearest images by content, plus a sequential window W for ordered input), K >= 1")
+RETRIEVAL = re.compile(r"retrieval(?:-(\d+))?(?:\+swin-(\d+))?")
+RETRIEVAL_K = 8    # neighbours per image when the name gives none
+
+
+def is_retrieval(scene_graph: str) -> bool:
+    """True for a content-based graph (`retrieval-K[+swin-W]`), whose pairs need image descriptors."""
+    return isinstance(scene_graph, str) and RETRIEVAL.fullmatch(scene_graph.strip()) is not None
+
+
+def _parse_retrieval(scene_graph: str) -> tuple[int, int]:
+    m = RETRIEVAL.fullmatch(scene_graph.strip())
+    if m is None:
+        raise ValueError(f"unknown scene graph {scene_graph!r}; use {GRAPH_HELP}")
+    k = RETRIEVAL_K if m.group(1) is None else int(m.group(1))
+    w = 0 if m.group(2) is None else int(m.group(2))
+    if k < 1 or (m.group(2) is not None and w < 1):
+        raise ValueError(f"scene graph {scene_graph!r}: K and W must be >= 1")
+    return k, w
 
 
 def _parse(scene_graph: str) -> tuple[str, int, bool]:
     if not isinstance(scene_graph, str):
         raise ValueError(f"scene graph must be a string like 'complete' or 'swin-3', got {scene_graph!r}")
+    if is_retrieval(scene_graph):
+        _parse_retrieval(scene_graph)
+        raise ValueError(f"scene graph {scene_graph!r} ranks pairs by image content: it needs the images' "
+                         "descriptors (pipeline.run_pairs or inference.inference_graph), not just their count")
     m = re.fullmatch(r"(complete|swin|logwin|oneref)(?:-(\d+))?(-noncyclic)?", scene_graph.strip())
     if m is None or (m.group(1) in ("complete", "oneref") and m.group(3)):
         raise ValueError(f"unknown scene graph {scene_graph!r}; use {GRAPH_HELP}")
@@ -85,12 +111,50 @@ def make_pairs(views: list, scene_graph: str = "complete", symmetrize: bool = Tr
     return [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph, symmetrize, prefilter)]
 
 
-def default_scene_graph(n: int) -> str:
-    """complete up to 12 images (at most 132 ordered pairs); beyond, a cyclic log-window (O(n log n) pairs)
-    whose offsets 1, 2, 4, ... reach across the sequence: logwin-k with 2**(k-1) < n/2."""
+def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize: bool = True
+                    ) -> list[tuple[int, int]]:
+    """Edges of a retrieval graph over unit descriptors `desc` [N, D] (cosine similarity S = desc desc^T).
+
+    Each image is paired with its K most similar images; the maximum spanning tree of S is added so the graph is
+    connected whatever the clusters; `+swin-W` adds the pairs (i, i+1..i+W) of an ordered sequence. O(N K) pairs.
+    """
+    k, w = _parse_retrieval(scene_graph)
+    desc = np.asarray(desc, dtype=np.float64)
+    n = len(desc)
+    if n == 1:
+        return [(0, 0)] * (2 if symmetrize else 1)
+    S = desc @ desc.T                                   # [N, N]
+    np.fill_diagonal(S, -np.inf)
+    found: set[tuple[int, int]] = set()
+    nn = np.argsort(-S, axis=1, kind="stable")[:, : min(k, n - 1)]
+    for i in range(n):
+        for j in nn[i]:
+            found.add((min(i, int(j)), max(i, int(j))))
+    # maximum spanning tree (Prim, O(N^2)): connectivity
+    in_tree = np.zeros(n, bool)
+    in_tree[0] = True
+    best, parent = S[0].copy(), np.zeros(n, np.int64)
+    for _ in range(n - 1):
+        cand = np.where(in_tree, -np.inf, best)
+        j = int(np.argmax(cand))
+        found.add((min(j, int(parent[j])), max(j, int(parent[j]))))
+        in_tree[j] = True
+        better = S[j] > best
+        best = np.where(better, S[j], best)
+        parent = np.where(better, j, parent)
+    for i in range(n):
+        for d in range(1, w + 1):
+            if i + d < n:
+                found.add((i, i + d))
+    edges = sorted(found)
+    if symmetrize:
+        edges = edges + [(j, i) for i, j in edges]
+    return edges
+
+
+def default_scene_graph(n: int, ordered: bool = False) -> str:
+    """complete up to 12 images (at most 132 ordered pairs); beyond, a retrieval graph (each image with its
+    `RETRIEVAL_K` most similar images, O(n) pairs), plus a sequential window of 2 for ordered input (video)."""
     if n <= 12:
         return "complete"
-    k = 1
-    while 2 ** k < n // 2 and k < 6:
-        k += 1
-    return f"logwin-{k}"
+    return f"retrieval-{RETRIEVAL_K}" + ("+swin-2" if ordered else "")

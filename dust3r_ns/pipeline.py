@@ -18,9 +18,9 @@ import tyro
 
 from dust3r_ns.align import AlignConfig, global_align
 from dust3r_ns.images import View, load_images
-from dust3r_ns.inference import inference
+from dust3r_ns.inference import inference_graph
 from dust3r_ns.model.checkpoint import load_model
-from dust3r_ns.pairs import default_scene_graph, make_pairs
+from dust3r_ns.pairs import default_scene_graph
 from dust3r_ns.predictions import PairPredictions
 from dust3r_ns.scene import Reconstruction
 from dust3r_ns.video import VideoConfig, frames_folder, is_video
@@ -121,12 +121,13 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
     """Load the model and the images (or a clip's frames), build the pair graph and run the engine on every pair."""
     net = load_network(network)
     views = load_views(images, pairs, net, video)
-    graph = pairs.scene_graph or default_scene_graph(len(views))
-    pair_list = make_pairs(views, scene_graph=graph, symmetrize=True)
+    ordered = isinstance(images, (str, Path)) and is_video(images)   # video frames come in order
+    graph = pairs.scene_graph or default_scene_graph(len(views), ordered)
+    preds = inference_graph(views, net, graph, device=resolve_device(network.device), batch_size=network.batch_size,
+                            amp=network.amp, verbose=verbose)
     if verbose:
-        print(f"{len(views)} images, scene graph {graph}: {len(pair_list)} ordered pairs", file=sys.stderr)
-    return inference(pair_list, net, device=resolve_device(network.device), batch_size=network.batch_size,
-                     amp=network.amp, verbose=verbose)
+        print(f"{len(views)} images, scene graph {graph}: {preds.n_edges} ordered pairs", file=sys.stderr)
+    return preds
 
 
 def align(preds: PairPredictions, cfg: AlignConfig = AlignConfig(), points: PointsConfig = PointsConfig(),

@@ -1,8 +1,9 @@
 """Scene graphs on small N."""
 
+import numpy as np
 import pytest
 
-from dust3r_ns.pairs import default_scene_graph, graph_edges, make_pairs
+from dust3r_ns.pairs import default_scene_graph, graph_edges, is_retrieval, make_pairs, retrieval_edges
 
 
 def unordered(edges):
@@ -54,7 +55,10 @@ def test_no_images_and_default():
         graph_edges(0)
     assert default_scene_graph(5) == "complete"
     g = default_scene_graph(64)
-    assert len(graph_edges(64, g)) < len(graph_edges(64, "complete")) / 4
+    assert is_retrieval(g) and default_scene_graph(64, ordered=True) == g + "+swin-2"
+    desc = np.random.default_rng(0).standard_normal((64, 16))
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    assert len(retrieval_edges(desc, g)) < len(graph_edges(64, "complete")) / 4
 
 
 def test_prefilter_seq_and_cyc():

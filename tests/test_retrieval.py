@@ -1,0 +1,85 @@
+"""Retrieval pair graphs: content descriptors from the encoder, k nearest images + spanning tree, decode only those."""
+
+import numpy as np
+import pytest
+import torch
+
+from dust3r_ns.images import make_view
+from dust3r_ns.inference import encode_images, inference, inference_graph
+from dust3r_ns.model.network import AsymmetricCroCo3DStereo
+from dust3r_ns.pairs import graph_edges, make_pairs, retrieval_edges
+from dust3r_ns.retrieval import vlad_descriptors
+
+TINY = dict(enc_embed_dim=32, enc_depth=1, enc_num_heads=2, dec_embed_dim=32, dec_depth=1, dec_num_heads=2)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_edges_neighbours_tree_and_window():
+    rng = np.random.default_rng(0)
+    # three tight clusters of 5 images far apart: kNN alone would leave them disconnected
+    centres = rng.standard_normal((3, 8)) * 10
+    desc = _unit(np.concatenate([c + 0.1 * rng.standard_normal((5, 8)) for c in centres]))
+    und = {tuple(e) for e in retrieval_edges(desc, "retrieval-2", symmetrize=False)}
+    S = desc @ desc.T
+    np.fill_diagonal(S, -np.inf)
+    for i in range(15):                                   # each image's two best matches are paired with it
+        for j in np.argsort(-S[i])[:2]:
+            assert (min(i, j), max(i, j)) in und
+    parent = list(range(15))                              # connected (union-find over the edges)
+
+    def find(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+    for i, j in und:
+        parent[find(i)] = find(j)
+    assert len({find(i) for i in range(15)}) == 1
+    assert len(und) <= 15 * 2 + 14                        # O(N k): kNN + spanning tree
+    win = {tuple(e) for e in retrieval_edges(desc, "retrieval-2+swin-1", symmetrize=False)}
+    assert und | {(i, i + 1) for i in range(14)} == win
+    sym = retrieval_edges(desc, "retrieval-2")
+    assert sym[len(sym) // 2:] == [(j, i) for i, j in sym[: len(sym) // 2]]
+
+
+def test_graph_names_and_errors():
+    desc = _unit(np.random.default_rng(1).standard_normal((6, 4)))
+    assert retrieval_edges(desc[:1], "retrieval-3") == [(0, 0), (0, 0)]
+    with pytest.raises(ValueError, match="K and W must be >= 1"):
+        retrieval_edges(desc, "retrieval-0")
+    with pytest.raises(ValueError, match="unknown scene graph"):
+        retrieval_edges(desc, "retrieval-2+swin")
+    with pytest.raises(ValueError, match="needs the images' descriptors"):
+        graph_edges(6, "retrieval-3")
+
+
+def test_vlad_ranks_same_content_higher():
+    g = torch.Generator().manual_seed(0)
+    scenes = [torch.randn(196, 64, generator=g) for _ in range(4)]
+    # two views per scene: the same token population, shuffled and perturbed
+    tokens = [s[torch.randperm(196, generator=g)] + 0.3 * torch.randn(196, 64, generator=g) for s in scenes for _ in range(2)]
+    d = vlad_descriptors(tokens, k=8, dim=16)
+    assert np.allclose(np.linalg.norm(d, axis=1), 1) and np.array_equal(d, vlad_descriptors(tokens, k=8, dim=16))
+    S = d @ d.T
+    np.fill_diagonal(S, -np.inf)
+    assert all(int(np.argmax(S[i])) == i ^ 1 for i in range(8))
+
+
+def test_inference_graph_decodes_only_the_chosen_pairs():
+    torch.manual_seed(0)
+    model = AsymmetricCroCo3DStereo(landscape_only=False, **TINY).eval()
+    g = torch.Generator().manual_seed(0)
+    views = [make_view(i, img=torch.rand(1, 3, 32, 48, generator=g) * 2 - 1) for i in range(7)]
+    preds = inference_graph(views, model, "retrieval-2", verbose=False)
+    feats = encode_images(model, views, "cpu")
+    want = retrieval_edges(vlad_descriptors([feats[k][0] for k in range(7)]), "retrieval-2")
+    assert preds.edges.tolist() == [list(e) for e in want] and preds.n_edges < 7 * 6
+    # the same pairs through the plain engine give the same maps
+    ref = inference([(views[i], views[j]) for i, j in want], model, verbose=False)
+    assert torch.equal(preds.pts2, ref.pts2) and torch.equal(preds.conf1, ref.conf1)
+    # named graphs are the make_pairs graphs
+    a = inference_graph(views, model, "swin-2", verbose=False)
+    b = inference(make_pairs(views, "swin-2"), model, verbose=False)
+    assert np.array_equal(a.edges, b.edges) and torch.equal(a.pts1, b.pts1)
