@@ -38,9 +38,12 @@ class InferConfig:
     """Frame sampling when the input is one video clip (--fps, --num-frames, --min-sharpness)."""
 
 
-def run_infer(cfg: InferConfig) -> PairPredictions:
+def run_infer(cfg: InferConfig) -> PairPredictions | None:
     t0 = time.perf_counter()
-    preds = run_pairs(cfg.images, cfg.network, cfg.pairs, video=cfg.video)
+    preds = run_pairs(cfg.images, cfg.network, cfg.pairs, video=cfg.video,
+                      shard_dir=cfg.out.resolve().parent / f".{cfg.out.name}.shards")
+    if preds is None:   # a torchrun rank other than 0: its share is written, rank 0 saves the whole
+        return None
     preds.save(cfg.out)
     print(f"wrote {cfg.out}: {preds.n_edges} pairs, mean confidence {preds.mean_confidence():.2f}, "
           f"{time.perf_counter() - t0:.1f} s")

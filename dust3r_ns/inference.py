@@ -46,6 +46,13 @@ def _cat_preds(chunks: list[dict], same: bool) -> dict:
     return {k: [t for c in chunks for t in c[k]] for k in keys}
 
 
+def check_views(views: list[View]) -> tuple[list[View], bool]:
+    """The views numbered 0..N-1 (each index once), and whether all their shapes agree."""
+    if not views:
+        raise ValueError("no images: give at least one image")
+    return _check_pairs([(v, v) for v in views])
+
+
 def _check_pairs(pairs) -> tuple[list[View], bool]:
     """The distinct views of the pairs, by index (0..N-1, each index one view), and whether all shapes agree."""
     if len(pairs) == 0:
@@ -66,7 +73,9 @@ def _check_pairs(pairs) -> tuple[list[View], bool]:
     return views, len({tuple(v.img.shape[-2:]) for v in views}) == 1
 
 
-def _predictions(views: list[View], pairs, chunks1: list[dict], chunks2: list[dict], same: bool) -> PairPredictions:
+def predictions_from_chunks(views: list[View], pairs, chunks1: list[dict], chunks2: list[dict], same: bool
+                            ) -> PairPredictions:
+    """`PairPredictions` from the per-batch head outputs, in pair order."""
     p1, p2 = _cat_preds(chunks1, same), _cat_preds(chunks2, same)
     try:
         return PairPredictions(images=[v.info for v in views], edges=[(a.idx, b.idx) for a, b in pairs],
@@ -119,18 +128,11 @@ def inference_graph(views: list[View], model, scene_graph: str, device="cpu", ba
                     verbose: bool = True) -> PairPredictions:
     """Encode every view once, choose the pairs of `scene_graph` (a retrieval graph ranks pairs by VLAD descriptors
     of the encoder tokens, `retrieval.vlad_descriptors` + `pairs.retrieval_edges`), then decode only those pairs."""
-    if not views:
-        raise ValueError("no images: give at least one image")
-    pairs = [(views[0], views[0])] * 2 if len(views) == 1 else None
-    if pairs is None and not is_retrieval(scene_graph):
-        pairs = [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph)]
-    views_, same = _check_pairs(pairs or [(v, v) for v in views])
+    views, same = check_views(views)
     device, model = _prepare(model, device, batch_size)
-    feats = encode_images(model, views_, device, batch_size, amp, verbose)
-    if pairs is None:
-        desc = vlad_descriptors([feats[k][0] for k in range(len(views_))])
-        pairs = [(views_[i], views_[j]) for i, j in retrieval_edges(desc, scene_graph)]
-    return _decode_pairs(model, pairs, views_, same, feats, device, batch_size, amp, verbose)
+    feats = encode_images(model, views, device, batch_size, amp, verbose)
+    pairs = choose_pairs(views, scene_graph, feats)
+    return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose)
 
 
 def _prepare(model, device, batch_size: int):
@@ -140,37 +142,59 @@ def _prepare(model, device, batch_size: int):
     return device, model.to(device).eval()
 
 
-def _decode_pairs(model, pairs, views: list[View], same: bool, feats: dict, device: torch.device, batch_size: int,
-                  amp, verbose: bool) -> PairPredictions:
-    """Decoders and heads over the pairs, `batch_size` consecutive pairs of equal shapes at a time."""
-    chunks1, chunks2 = [], []
-    bar = tqdm(total=len(pairs), desc="pairs", disable=not verbose, leave=False)
-    start = 0
+def batches(pairs, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of the decoder batches: up to `batch_size` consecutive pairs of equal image shapes."""
+    sig = lambda p: (tuple(p[0].img.shape[-2:]), tuple(p[1].img.shape[-2:]))  # noqa: E731
+    out, start = [], 0
     while start < len(pairs):
-        # a batch of consecutive pairs with identical (shape1, shape2)
-        sig = lambda p: (tuple(p[0].img.shape[-2:]), tuple(p[1].img.shape[-2:]))  # noqa: E731
         end = start + 1
         while end < len(pairs) and end - start < batch_size and sig(pairs[end]) == sig(pairs[start]):
             end += 1
-        batch = pairs[start:end]
-        f1 = torch.stack([feats[a.idx][0] for a, _ in batch])
-        p1 = torch.stack([feats[a.idx][1] for a, _ in batch])
-        f2 = torch.stack([feats[b.idx][0] for _, b in batch])
-        p2 = torch.stack([feats[b.idx][1] for _, b in batch])
-        s1 = torch.cat([_true_shape(a) for a, _ in batch]).to(device)
-        s2 = torch.cat([_true_shape(b) for _, b in batch]).to(device)
-        with _autocast(device, amp):
-            dec1, dec2 = model.decode(f1, p1, f2, p2)
-        with torch.autocast(device_type=device.type, enabled=False):
-            r1 = model.head_forward(1, dec1, s1)
-            r2 = model.head_forward(2, dec2, s2)
-        r2["pts3d_in_other_view"] = r2.pop("pts3d")
-        chunks1.append({k: v.float().cpu() for k, v in r1.items()})
-        chunks2.append({k: v.float().cpu() for k, v in r2.items()})
-        bar.update(end - start)
+        out.append((start, end))
         start = end
+    return out
+
+
+def decode_batch(model, batch, feats: dict, device: torch.device, amp) -> tuple[dict, dict]:
+    """Decoders and heads of one batch of pairs: (head-1 maps, head-2 maps) as float32 CPU tensors
+    (`pts3d`, `conf`; `pts3d_in_other_view`, `conf`)."""
+    f1 = torch.stack([feats[a.idx][0] for a, _ in batch])
+    p1 = torch.stack([feats[a.idx][1] for a, _ in batch])
+    f2 = torch.stack([feats[b.idx][0] for _, b in batch])
+    p2 = torch.stack([feats[b.idx][1] for _, b in batch])
+    s1 = torch.cat([_true_shape(a) for a, _ in batch]).to(device)
+    s2 = torch.cat([_true_shape(b) for _, b in batch]).to(device)
+    with _autocast(device, amp):
+        dec1, dec2 = model.decode(f1, p1, f2, p2)
+    with torch.autocast(device_type=device.type, enabled=False):
+        r1 = model.head_forward(1, dec1, s1)
+        r2 = model.head_forward(2, dec2, s2)
+    r2["pts3d_in_other_view"] = r2.pop("pts3d")
+    return {k: v.float().cpu() for k, v in r1.items()}, {k: v.float().cpu() for k, v in r2.items()}
+
+
+def choose_pairs(views: list[View], scene_graph: str, feats: dict) -> list[tuple[View, View]]:
+    """The ordered pairs of `scene_graph` over the views (a retrieval graph from the encoder features `feats`)."""
+    if len(views) == 1:
+        return [(views[0], views[0])] * 2
+    if is_retrieval(scene_graph):
+        desc = vlad_descriptors([feats[k][0] for k in range(len(views))])
+        return [(views[i], views[j]) for i, j in retrieval_edges(desc, scene_graph)]
+    return [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph)]
+
+
+def _decode_pairs(model, pairs, views: list[View], same: bool, feats: dict, device: torch.device, batch_size: int,
+                  amp, verbose: bool) -> PairPredictions:
+    """Decoders and heads over the pairs, batch by batch (`batches`)."""
+    chunks1, chunks2 = [], []
+    bar = tqdm(total=len(pairs), desc="pairs", disable=not verbose, leave=False)
+    for start, end in batches(pairs, batch_size):
+        r1, r2 = decode_batch(model, pairs[start:end], feats, device, amp)
+        chunks1.append(r1)
+        chunks2.append(r2)
+        bar.update(end - start)
     bar.close()
-    return _predictions(views, pairs, chunks1, chunks2, same)
+    return predictions_from_chunks(views, pairs, chunks1, chunks2, same)
 
 
 @torch.inference_mode()
@@ -186,7 +210,7 @@ def inference_per_pair(pairs, model, device="cpu", verbose: bool = False) -> Pai
         r1, r2 = model(v1, v2)
         chunks1.append({k: v.cpu() for k, v in r1.items()})
         chunks2.append({k: v.cpu() for k, v in r2.items()})
-    return _predictions(views, pairs, chunks1, chunks2, same)
+    return predictions_from_chunks(views, pairs, chunks1, chunks2, same)
 
 
 class _EngineModule(types.ModuleType):

@@ -16,6 +16,7 @@ from typing import Annotated, Literal, Optional, Sequence
 import torch
 import tyro
 
+from dust3r_ns import distributed
 from dust3r_ns.align import AlignConfig, global_align
 from dust3r_ns.images import View, load_images
 from dust3r_ns.inference import inference_graph
@@ -91,11 +92,6 @@ def resolve_device(device: Optional[str]) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_network(cfg: NetworkConfig) -> torch.nn.Module:
-    """The checkpoint of `cfg.model` (or the bundled one) on `cfg.device`, ready for inference."""
-    return load_model(cfg.model or default_model_source(), device=resolve_device(cfg.device))
-
-
 def image_size_of(net: torch.nn.Module) -> int:
     """Preprocessing size implied by the model: 224 for 224 models, else 512."""
     size = net.config["img_size"]
@@ -117,16 +113,28 @@ def load_views(images: Sequence[str | Path] | str | Path, pairs: PairsConfig, ne
 
 
 def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConfig = PairsConfig(),
-              verbose: bool = True, video: VideoConfig = VideoConfig()) -> PairPredictions:
-    """Load the model and the images (or a clip's frames), build the pair graph and run the engine on every pair."""
-    net = load_network(network)
+              verbose: bool = True, video: VideoConfig = VideoConfig(), shard_dir: str | Path | None = None
+              ) -> Optional[PairPredictions]:
+    """Load the model and the images (or a clip's frames), build the pair graph and run the engine on every pair.
+
+    Under torchrun (WORLD_SIZE > 1) the pairs are sharded over the ranks (`distributed.sharded_inference`, shards
+    in `shard_dir`, default `.dust3r_shards` in the working folder): rank 0 returns the predictions, the others
+    None."""
+    rank, size = distributed.world()
+    device = distributed.rank_device(resolve_device(network.device))
+    net = load_model(network.model or default_model_source(), device=device)
     views = load_views(images, pairs, net, video)
     ordered = isinstance(images, (str, Path)) and is_video(images)   # video frames come in order
     graph = pairs.scene_graph or default_scene_graph(len(views), ordered)
-    preds = inference_graph(views, net, graph, device=resolve_device(network.device), batch_size=network.batch_size,
-                            amp=network.amp, verbose=verbose)
-    if verbose:
-        print(f"{len(views)} images, scene graph {graph}: {preds.n_edges} ordered pairs", file=sys.stderr)
+    if size > 1:
+        preds = distributed.sharded_inference(views, net, graph, shard_dir or ".dust3r_shards", device=device,
+                                              batch_size=network.batch_size, amp=network.amp, verbose=verbose)
+    else:
+        preds = inference_graph(views, net, graph, device=device, batch_size=network.batch_size, amp=network.amp,
+                                verbose=verbose)
+    if verbose and preds is not None:
+        print(f"{len(views)} images, scene graph {graph}: {preds.n_edges} ordered pairs"
+              + (f" on {size} processes" if size > 1 else ""), file=sys.stderr)
     return preds
 
 

@@ -70,7 +70,7 @@ def _check_out(cfg: ReconstructConfig) -> None:
         raise PermissionError(f"{parent}: output location is not writable; choose another --out")
 
 
-def run(cfg: ReconstructConfig) -> Reconstruction:
+def run(cfg: ReconstructConfig) -> Reconstruction | None:
     _check_out(cfg)
     t0 = time.perf_counter()
     saved = predictions_input(cfg.images)
@@ -78,7 +78,10 @@ def run(cfg: ReconstructConfig) -> Reconstruction:
         preds = PairPredictions.load(saved)
         print(f"{saved}: {preds.n_images} images, {preds.n_edges} pairs (saved predictions)", file=sys.stderr)
     else:
-        preds = run_pairs(cfg.images, cfg.network, cfg.pairs, video=cfg.video)
+        preds = run_pairs(cfg.images, cfg.network, cfg.pairs, video=cfg.video,
+                          shard_dir=cfg.out.resolve().parent / f".{cfg.out.name}.shards")
+        if preds is None:   # a torchrun rank other than 0: its share is done, rank 0 aligns and exports
+            return None
     t_net = time.perf_counter() - t0
     rec = align(preds, cfg.align, cfg.points, cfg.network.device)
     t_align = time.perf_counter() - t0 - t_net
