@@ -22,7 +22,7 @@ from dust3r_ns.fileio import open_npz, save_npz
 from dust3r_ns.images import View
 from dust3r_ns.inference import (batches, check_views, choose_pairs, decode_batch, encode_images,
                                  predictions_from_chunks)
-from dust3r_ns.predictions import PairPredictions
+from dust3r_ns.predictions import PairPredictions, to_storage
 
 SHARD_KIND = "dust3r_ns.pair_shard"
 SHARD_VERSION = 1
@@ -52,7 +52,8 @@ def init(device: str) -> None:
 
 @torch.inference_mode()
 def sharded_inference(views: list[View], model, scene_graph: str, shard_dir: str | os.PathLike, device="cpu",
-                      batch_size: int = 8, amp=None, verbose: bool = True) -> Optional[PairPredictions]:
+                      batch_size: int = 8, amp=None, verbose: bool = True, store_dtype: torch.dtype = torch.float32
+                      ) -> Optional[PairPredictions]:
     """This rank's share of the pair inference (module docstring); rank 0 returns the whole `PairPredictions`."""
     rank, size = world()
     device = rank_device(str(device))
@@ -70,7 +71,7 @@ def sharded_inference(views: list[View], model, scene_graph: str, shard_dir: str
     arrays: dict[str, np.ndarray] = {"batches": np.array(mine, dtype=np.int64)}
     for b in tqdm(mine, desc=f"pairs (rank {rank}/{size})", disable=not verbose, leave=False):
         start, end = plan[b]
-        r1, r2 = decode_batch(model, pairs[start:end], feats, dev, amp)
+        r1, r2 = (to_storage(r, store_dtype) for r in decode_batch(model, pairs[start:end], feats, dev, amp))
         for (part, key), res in zip(KEYS, (r1, r1, r2, r2)):
             arrays[f"{b}.{part}.{key}"] = res[key].numpy()
     shard_dir = Path(shard_dir)

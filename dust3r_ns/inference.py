@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dust3r_ns.images import View
 from dust3r_ns.pairs import graph_edges, is_retrieval, retrieval_edges
-from dust3r_ns.predictions import PairPredictions, PredictionsError
+from dust3r_ns.predictions import PairPredictions, PredictionsError, to_storage
 from dust3r_ns.retrieval import vlad_descriptors
 
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,28 +111,30 @@ def encode_images(model, views: list[View], device, batch_size: int = 8, amp=Non
 
 
 @torch.inference_mode()
-def inference(pairs, model, device="cpu", batch_size: int = 8, amp=None, verbose: bool = True) -> PairPredictions:
+def inference(pairs, model, device="cpu", batch_size: int = 8, amp=None, verbose: bool = True,
+              store_dtype: torch.dtype = torch.float32) -> PairPredictions:
     """Run every (view1, view2) pair; returns the `PairPredictions` (tensors on the CPU), edges in pair order.
 
     Consecutive pairs of equal image shapes share a decoder batch. When the images have different shapes the
-    per-pair maps are lists, as the reference's are.
+    per-pair maps are lists, as the reference's are. `store_dtype` float16 keeps the maps in half precision (each
+    batch converted as it is decoded).
     """
     views, same = _check_pairs(pairs)
     device, model = _prepare(model, device, batch_size)
     feats = encode_images(model, views, device, batch_size, amp, verbose)
-    return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose)
+    return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose, store_dtype)
 
 
 @torch.inference_mode()
 def inference_graph(views: list[View], model, scene_graph: str, device="cpu", batch_size: int = 8, amp=None,
-                    verbose: bool = True) -> PairPredictions:
+                    verbose: bool = True, store_dtype: torch.dtype = torch.float32) -> PairPredictions:
     """Encode every view once, choose the pairs of `scene_graph` (a retrieval graph ranks pairs by VLAD descriptors
     of the encoder tokens, `retrieval.vlad_descriptors` + `pairs.retrieval_edges`), then decode only those pairs."""
     views, same = check_views(views)
     device, model = _prepare(model, device, batch_size)
     feats = encode_images(model, views, device, batch_size, amp, verbose)
     pairs = choose_pairs(views, scene_graph, feats)
-    return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose)
+    return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose, store_dtype)
 
 
 def _prepare(model, device, batch_size: int):
@@ -184,14 +186,14 @@ def choose_pairs(views: list[View], scene_graph: str, feats: dict) -> list[tuple
 
 
 def _decode_pairs(model, pairs, views: list[View], same: bool, feats: dict, device: torch.device, batch_size: int,
-                  amp, verbose: bool) -> PairPredictions:
+                  amp, verbose: bool, store_dtype: torch.dtype = torch.float32) -> PairPredictions:
     """Decoders and heads over the pairs, batch by batch (`batches`)."""
     chunks1, chunks2 = [], []
     bar = tqdm(total=len(pairs), desc="pairs", disable=not verbose, leave=False)
     for start, end in batches(pairs, batch_size):
         r1, r2 = decode_batch(model, pairs[start:end], feats, device, amp)
-        chunks1.append(r1)
-        chunks2.append(r2)
+        chunks1.append(to_storage(r1, store_dtype))
+        chunks2.append(to_storage(r2, store_dtype))
         bar.update(end - start)
     bar.close()
     return predictions_from_chunks(views, pairs, chunks1, chunks2, same)

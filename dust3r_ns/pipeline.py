@@ -22,7 +22,7 @@ from dust3r_ns.images import View, load_images
 from dust3r_ns.inference import inference_graph
 from dust3r_ns.model.checkpoint import load_model
 from dust3r_ns.pairs import default_scene_graph
-from dust3r_ns.predictions import PairPredictions
+from dust3r_ns.predictions import STORE_DTYPES, PairPredictions
 from dust3r_ns.scene import Reconstruction
 from dust3r_ns.video import VideoConfig, frames_folder, is_video
 
@@ -41,6 +41,9 @@ class NetworkConfig:
     """Pairs per decoder batch (bounds memory)."""
     amp: Optional[Literal["bf16", "fp16"]] = None
     """Mixed precision for encoder and decoder (heads stay float32); None: float32."""
+    store: Literal["float32", "float16"] = "float32"
+    """Storage of the pair predictions: float16 halves their memory and files (align them with --align.dtype
+    float16 to keep it halved)."""
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,11 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
     graph = pairs.scene_graph or default_scene_graph(len(views), ordered)
     if size > 1:
         preds = distributed.sharded_inference(views, net, graph, shard_dir or ".dust3r_shards", device=device,
-                                              batch_size=network.batch_size, amp=network.amp, verbose=verbose)
+                                              batch_size=network.batch_size, amp=network.amp, verbose=verbose,
+                                              store_dtype=STORE_DTYPES[network.store])
     else:
         preds = inference_graph(views, net, graph, device=device, batch_size=network.batch_size, amp=network.amp,
-                                verbose=verbose)
+                                verbose=verbose, store_dtype=STORE_DTYPES[network.store])
     if verbose and preds is not None:
         print(f"{len(views)} images, scene graph {graph}: {preds.n_edges} ordered pairs"
               + (f" on {size} processes" if size > 1 else ""), file=sys.stderr)

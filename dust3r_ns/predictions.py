@@ -30,6 +30,18 @@ FORMAT_VERSION = 1
 Maps = Union[torch.Tensor, list]   # [E, H, W, ...] stacked, or E tensors [H_e, W_e, ...]
 
 
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def to_storage(maps: dict, dtype: torch.dtype) -> dict:
+    """Head outputs {key: tensor} in the storage dtype: float16 halves memory and files (points keep ~3 significant
+    digits; confidences are clamped to float16's largest finite value, 65504)."""
+    if dtype == torch.float32:
+        return maps
+    top = torch.finfo(dtype).max
+    return {k: (v.clamp(max=top) if k == "conf" else v).to(dtype) for k, v in maps.items()}
+
+
 class PredictionsError(ValueError):
     """Malformed pair predictions (shapes, indices, values) or an unreadable/invalid predictions file."""
 
@@ -124,6 +136,20 @@ class PairPredictions:
             for m in ([maps] if self.uniform else maps):
                 if not bool((torch.isfinite(m) & (m > 0)).all()):
                     raise PredictionsError(f"{key} has non-finite or non-positive values; confidences are 1 + exp(x)")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the point maps."""
+        return (self.pts1 if self.uniform else self.pts1[0]).dtype
+
+    def astype(self, dtype: torch.dtype) -> "PairPredictions":
+        """A copy with the maps stored in `dtype` (see `to_storage`)."""
+        conv = lambda m, key: to_storage({key: m}, dtype)[key]  # noqa: E731
+        maps = {}
+        for name, key in (("pts1", "pts3d"), ("pts2", "pts3d"), ("conf1", "conf"), ("conf2", "conf")):
+            m = getattr(self, name)
+            maps[name] = conv(m, key) if self.uniform else [conv(t, key) for t in m]
+        return PairPredictions(images=self.images, edges=self.edges, **maps)
 
     # ------------------------------------------------------------------ access
     def edge(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -129,3 +129,29 @@ def test_engine_predictions_match_golden(golden_dir, tmp_path, key):
         assert rel_err(out["pred1"]["conf"], io[f"case{c}_conf"]) <= 1e-4
         assert rel_err(out["pred2"]["pts3d_in_other_view"], io[f"case{c}_pts3d_in_other_view"]) <= 1e-4
         assert rel_err(out["pred2"]["conf"], io[f"case{c}_conf2"]) <= 1e-4
+
+
+def test_float16_storage_round_trip_and_alignment(tmp_path):
+    synth = pytest.importorskip("dust3r_ns.synth")
+    from dust3r_ns.metrics import pose_metrics
+    from dust3r_ns.pairs import graph_edges
+
+    p = _preds()
+    big = p.conf1.clone()
+    big[0, 0, 0] = 1e6                                         # beyond float16: clamped, stays finite
+    p = PairPredictions(images=p.images, edges=p.edges, pts1=p.pts1, pts2=p.pts2, conf1=big, conf2=p.conf2)
+    half = p.astype(torch.float16)
+    assert half.dtype == torch.float16 and half.conf1.dtype == torch.float16
+    assert float(half.conf1[0, 0, 0]) == 65504.0 and torch.allclose(half.pts2.float(), p.pts2, rtol=1e-3)
+    again = PairPredictions.load(half.save(tmp_path / "half.npz"))
+    assert again.dtype == torch.float16 and torch.equal(again.pts1, half.pts1)
+    # aligning float16 predictions (stored and solved in float16 storage) lands where float32 does
+    scene = synth.make_scene(0)
+    c2w, K = synth.camera_path(scene, 5, "moderate", seed=0, H=24, W=32)
+    ref = PairPredictions.from_reference(
+        synth.oracle_pairs(synth.render_views(scene, c2w, K, 24, 32), graph_edges(5, "complete"),
+                           noise=synth.NoiseConfig(), seed=0))
+    a = global_align(ref, verbose=False)
+    b = global_align(ref.astype(torch.float16), dtype="float16", verbose=False)
+    ma, mb = pose_metrics(a.c2w, c2w), pose_metrics(b.c2w, c2w)
+    assert abs(mb["ate_pct"] - ma["ate_pct"]) < 0.5 and mb["rra_max_deg"] < ma["rra_max_deg"] + 0.2
