@@ -78,10 +78,11 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _stale(path: Path) -> Optional[int]:
-    """A lock fd on `path` if it is a dead writer's leftover (unlocked, untouched for STALE_AFTER_S), else None."""
+def _stale(path: Path, grace: bool = True) -> Optional[int]:
+    """A lock fd on `path` if it is a dead writer's leftover (unlocked and, with `grace`, untouched for
+    STALE_AFTER_S: a temporary is created a moment before its writer locks it), else None."""
     try:
-        if time.time() - path.lstat().st_mtime < STALE_AFTER_S:
+        if grace and time.time() - path.lstat().st_mtime < STALE_AFTER_S:
             return None
         return _lock(path)
     except OSError:  # locked by a live writer, or gone
@@ -101,14 +102,14 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
 
     Temporaries `.<name>.*.tmp` go. A replaced folder `.<name>.*.old` goes when `path` exists; when `path` is
     missing (a writer was killed between the two renames of the fallback swap) the newest one is renamed back to
-    `path` instead (`recover_dir`). Leftovers still locked by a live writer, or modified in the last
+    `path` instead (`recover_dir`). Leftovers still locked by a live writer, and temporaries modified in the last
     `STALE_AFTER_S` seconds, are left alone.
     """
     path = Path(path)
     recover_dir(path)
     removed = []
     for leftover in _leftovers(path.parent, path.name, ".tmp") + _leftovers(path.parent, path.name, ".old"):
-        fd = _stale(leftover)
+        fd = _stale(leftover, grace=leftover.suffix == ".tmp")
         if fd is None:
             continue
         try:
@@ -124,8 +125,9 @@ def recover_dir(path: str | os.PathLike) -> Optional[Path]:
     path = Path(path)
     if os.path.lexists(path):
         return None
-    for old in reversed(_leftovers(path.parent, path.name, ".old")):
-        fd = _stale(old)
+    olds = _leftovers(path.parent, path.name, ".old")
+    for old in sorted(olds, key=lambda o: o.lstat().st_mtime if o.exists() else 0.0, reverse=True):
+        fd = _stale(old, grace=False)  # locked before it got its .old name: no creation race
         if fd is None:
             continue
         try:
@@ -238,9 +240,15 @@ def swap_dir(new: str | os.PathLike, path: str | os.PathLike) -> Optional[Path]:
             continue
         fd = _lock(path) if path.is_dir() else None
         try:
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rename(path, old)  # replaces the empty placeholder
-            os.rename(new, path)
+            old = path.parent / f".{path.name}.{os.urandom(6).hex()}.old"
+            os.rename(path, old)  # still locked under its new name until `new` is in place
+            try:
+                os.rename(new, path)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                shutil.rmtree(old, ignore_errors=True)  # someone put a newer one at `path` meanwhile
+                continue
         finally:
             _unlock(fd)
         return old

@@ -123,11 +123,11 @@ def write_colmap(
             rec.write_text(str(tmp))
         else:
             rec.write(str(tmp))
-        _check_written(tmp, rec, pycolmap)
+        _check_written(tmp, rec, pycolmap, Path(out_dir))
     return Path(out_dir)
 
 
-def _check_written(folder: Path, rec: Any, pycolmap: Any) -> None:
+def _check_written(folder: Path, rec: Any, pycolmap: Any, out_dir: Path) -> None:
     """Read the model just written back; pycolmap does not report failed writes (e.g. a full disk)."""
     try:
         back = pycolmap.Reconstruction(str(folder))
@@ -138,8 +138,8 @@ def _check_written(folder: Path, rec: Any, pycolmap: Any) -> None:
     else:
         why = "counts of cameras/images/points differ"
     if not ok:
-        raise ExportError(f"the COLMAP model written to {folder} does not read back ({why}); the disk may be full: "
-                          "free space or choose another output folder")
+        raise ExportError(f"the COLMAP model written for {out_dir} does not read back ({why}); the disk may be full: "
+                          "free disk space or choose another output folder")
 
 
 def read_colmap(model_dir: str | os.PathLike, ignore_distortion: bool = False) -> dict[str, Any]:
