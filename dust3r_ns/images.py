@@ -4,6 +4,14 @@ Size 512: resize so the long side is 512 (LANCZOS when shrinking, BICUBIC otherw
 to multiples of 16 (square images are cropped to 4:3). Size 224: resize the short side to ~224, then centre-crop a
 square. Each view also records how to map pixels back to the original image:
 ``net = (orig + 0.5) * (sx, sy) - 0.5 - (x0, y0)`` (``transform`` = (sx, sy, x0, y0)).
+
+Decoding (`decode_rgb`): EXIF orientation applied, then 8-bit RGB: 16/32-bit integer greyscale is scaled by
+255/65535 (``round(v / 257)``, so 16-bit white stays white), float greyscale in [0, 1] by 255, every other mode by
+PIL's conversion (palette, CMYK, grey with or without alpha; alpha is dropped). Dataset copies (`rgb_file_name`,
+`stored_as_rgb`) hold exactly these pixels: a file is copied byte for byte only when it is an upright 8-bit RGB
+JPEG/PNG, every other one is saved as an RGB PNG named `<name>.png`. Downscales (`downscale_size`,
+`auto_downscale`, `save_downscaled`) follow nerfstudio: folder `images_<f>`, size floor(W / f) x floor(H / f),
+automatic f = the smallest power of 2 that brings the long side to at most 1600 px.
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 MIN_SIDE = 16
+MAX_AUTO_RESOLUTION = 1600
+"""nerfstudio's automatic downscale brings the long side of the photos to at most this many pixels."""
+DOWNSCALES = (2, 4, 8)
+"""The downscaled copies a dataset export writes (`images_2`, `images_4`, `images_8`), as `ns-process-data`."""
 
 
 class ImageError(ValueError):
@@ -35,8 +47,80 @@ def register_heif() -> bool:
     return True
 
 
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """An image of any PIL mode as 8-bit RGB (high-bit-depth greyscale scaled, not clipped; alpha dropped)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I"):  # I;16, I;16B, I;16L, I (16-bit PNG/TIFF greyscale decode to these)
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def _is_8bit_rgb_file(im: Image.Image) -> bool:
+    """True for a JPEG/PNG that every loader decodes as the same 8-bit RGB array (call before `load`)."""
+    raw = [str(t[3]) for t in getattr(im, "tile", ()) or ()]  # read first: getexif() loads a PNG
+    if any("16" in r for r in raw):  # 16-bit PNG ("RGB;16B"): other loaders return uint16
+        return False
+    if im.format not in ("JPEG", "PNG") or im.mode != "RGB" or getattr(im, "n_frames", 1) != 1:
+        return False
+    return im.getexif().get(0x0112, 1) in (None, 1)
+
+
+def stored_as_rgb(path: str | os.PathLike) -> bool:
+    """Whether the file's stored pixels are what `decode_rgb` returns, in a format every loader reads alike."""
+    with Image.open(path) as im:
+        return _is_8bit_rgb_file(im)
+
+
+def rgb_file_name(name: str, as_is: bool) -> str:
+    """File name of an image's dataset copy: `name` for a byte copy (`as_is`) or a .png file, else `<name>.png`."""
+    return name if as_is or name.lower().endswith(".png") else f"{name}.png"
+
+
+def downscale_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """nerfstudio's downscaled size (floor rounding): (W // factor, H // factor), at least 1 pixel."""
+    return max(1, int(size[0]) // int(factor)), max(1, int(size[1]) // int(factor))
+
+
+def auto_downscale(sizes, max_res: int = MAX_AUTO_RESOLUTION) -> int:
+    """nerfstudio's automatic choice: the smallest power of 2 that brings the longest side to <= max_res."""
+    long_side = max(max(int(w), int(h)) for w, h in sizes)
+    f = 1
+    while long_side / f > max_res:
+        f *= 2
+    return f
+
+
+def save_rgb(img: Image.Image, path: str | os.PathLike, fmt: str | None = None) -> None:
+    """Save an RGB image: JPEG (quality 95) for .jpg/.jpeg names, else PNG, unless `fmt` says."""
+    fmt = fmt or ("JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "PNG")
+    img.save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def save_downscaled(img: Image.Image, path: str | os.PathLike, factor: int, fmt: str | None = None) -> tuple[int, int]:
+    """Save `img` (8-bit RGB) reduced by `factor` to `downscale_size` (Lanczos) at `path`; return the size."""
+    size = downscale_size(img.size, factor)
+    save_rgb(img.resize(size, Image.LANCZOS), path, fmt)
+    return size
+
+
+def decode_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file upright (EXIF orientation applied) as 8-bit RGB (`to_rgb8`); PIL's errors pass."""
+    path = Path(path)
+    if path.suffix.lower() in (".heic", ".heif"):
+        register_heif()
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb8(ImageOps.exif_transpose(im))
+
+
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file upright (EXIF orientation applied) as RGB, or raise ImageError naming the file."""
+    """Open an image file upright (EXIF orientation applied) as 8-bit RGB (`decode_rgb`), or raise ImageError
+    naming the file."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file; check the path")
@@ -48,9 +132,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{path}: HEIC images need the optional extra; run pip install 'dust3r_ns[heic]' "
                          "or convert the file to JPEG/PNG")
     try:
-        with Image.open(path) as im:
-            im.load()
-            img = ImageOps.exif_transpose(im).convert("RGB")
+        img = decode_rgb(path)
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: image too large to decode safely ({str(e).splitlines()[0][:80]}); "
                          "downscale it first") from None

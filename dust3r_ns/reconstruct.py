@@ -1,31 +1,36 @@
 """`dust3r-ns reconstruct`: photos (or saved pair predictions) in, splat-ready scene out (pipeline -> exports).
 
-Writes into ``--out``: ``images/`` (the inputs, upright), ``sparse/0`` (COLMAP), ``sparse_pc.ply``,
-``transforms.json`` (nerfstudio), ``scene.glb``, ``reconstruction.npz`` (the full aligner result) and
-``depth/``/``conf/`` maps as ``.npy``. The folder is assembled next to its final place and renamed into it.
+Writes into ``--out``: ``images/`` (the inputs as the network saw them: upright 8-bit RGB) and ``images_2/4/8``,
+``sparse/0`` (COLMAP), ``sparse_pc.ply``, ``transforms.json`` (nerfstudio), ``scene.glb``, ``reconstruction.npz``
+(the full aligner result) and ``depth/``/``conf/`` maps as ``.npy``. The folder is assembled next to its final
+place and swapped in whole (`export.export_dataset`); an `--overwrite` killed midway leaves the old folder, or
+it is put back by the next run. Photos are reconstructed through the cache the nerfstudio dataparser uses
+(`nerfstudio.scene_cache`): the same photos, model and options are computed once for both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import tyro
 
 from dust3r_ns.align import AlignConfig
 from dust3r_ns.export.dataset import export_dataset
-from dust3r_ns.fileio import default_permissions
+from dust3r_ns import distributed
+from dust3r_ns.fileio import recover_dir
+from dust3r_ns.nerfstudio.scene_cache import (Cache, CacheConfig, PhotoInfo, build_reconstruction, cache_dir_for,
+                                              inspect_photos, list_images, load_or_build, model_identity,
+                                              reconstruction_options)
 from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, Video, align,
-                                run_pairs)
+                                default_model_source, run_pairs)
 from dust3r_ns.predictions import PairPredictions
 from dust3r_ns.scene import Reconstruction
-from dust3r_ns.video import VideoConfig
+from dust3r_ns.video import VideoConfig, frames_folder, is_video
 
 
 @dataclass
@@ -48,6 +53,8 @@ class ReconstructConfig:
     """Global alignment."""
     points: Points = PointsConfig()
     """Point cloud of the exports."""
+    cache: Cache = CacheConfig()
+    """Reconstruction cache shared with the nerfstudio dataparser (--cache-dir, --use-cache)."""
     text: bool = False
     """Write the COLMAP model as text instead of binary."""
 
@@ -57,8 +64,16 @@ def predictions_input(images: list[Path]) -> Path | None:
     return images[0] if len(images) == 1 and images[0].suffix == ".npz" else None
 
 
+def photo_list(images: list[Path]) -> list[PhotoInfo]:
+    """The photos of one folder (unreadable files skipped with a warning) or the given files, each checked."""
+    if len(images) == 1 and Path(images[0]).is_dir():
+        return list_images(Path(images[0]), skip_unreadable=True)
+    return inspect_photos(images)
+
+
 def _check_out(cfg: ReconstructConfig) -> None:
     out = cfg.out
+    recover_dir(out)  # an earlier --overwrite killed between its two renames
     if out.exists() and not cfg.overwrite:
         raise ValueError(f"{out}: output folder exists; pass --overwrite to replace it or choose another --out")
     parent = out.resolve().parent
@@ -74,54 +89,56 @@ def run(cfg: ReconstructConfig) -> Reconstruction | None:
     _check_out(cfg)
     t0 = time.perf_counter()
     saved = predictions_input(cfg.images)
+    rows = []
     if saved is not None:
         preds = PairPredictions.load(saved)
         print(f"{saved}: {preds.n_images} images, {preds.n_edges} pairs (saved predictions)", file=sys.stderr)
-    else:
+        rec = align(preds, cfg.align, cfg.points, cfg.network.device)
+        sources = [Path(im.path) for im in preds.images] if all(im.path for im in preds.images) else None
+        rows.append(("pairs", f"{preds.n_edges}"))
+        how = "aligned"
+    elif distributed.world()[1] > 1:
+        # under torchrun the pairs are sharded over the ranks (no cache: the ranks would race for its entry);
+        # rank 0 aligns and exports
         preds = run_pairs(cfg.images, cfg.network, cfg.pairs, video=cfg.video,
                           shard_dir=cfg.out.resolve().parent / f".{cfg.out.name}.shards")
-        if preds is None:   # a torchrun rank other than 0: its share is done, rank 0 aligns and exports
+        if preds is None:   # another rank: its share is done
             return None
-    t_net = time.perf_counter() - t0
-    rec = align(preds, cfg.align, cfg.points, cfg.network.device)
-    t_align = time.perf_counter() - t0 - t_net
-    conf_thr, max_points = cfg.points.conf_thr, cfg.points.max_points
+        rec = align(preds, cfg.align, cfg.points, cfg.network.device)
+        sources = [Path(im.path) for im in preds.images]
+        rows.append(("pairs", f"{preds.n_edges}"))
+        how = f"sharded over {distributed.world()[1]} processes"
+    else:
+        images = cfg.images
+        if len(images) == 1 and is_video(images[0]):
+            images = [frames_folder(images[0], cfg.video)]
+        photos = photo_list(images)
+        model = cfg.network.model or default_model_source()
+        network = dataclasses.replace(cfg.network, model=model)
+        options = reconstruction_options(network, cfg.pairs, cfg.align, cfg.points)
+        scene = load_or_build(
+            photos, cache_dir_for(photos, cfg.cache), model_identity(model), options,
+            lambda paths: build_reconstruction(paths, network, cfg.pairs, cfg.align, cfg.points,
+                                               label=", ".join(str(p) for p in cfg.images)),
+            use_cache=cfg.cache.use_cache)
+        rec = scene.rec
+        sources = [ph.path for ph in photos]
+        how = f"reused {scene.entry}" if scene.hit else f"computed, cached in {scene.entry}"
+    t_rec = time.perf_counter() - t0
 
-    parent = cfg.out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", dir=parent))
-    try:
-        paths = [Path(im.path) for im in preds.images] if all(im.path for im in preds.images) else None
-        export_dataset(rec, tmp / "scene", images=paths, conf_thr=conf_thr, max_points=max_points, text=cfg.text,
-                       shared_camera=cfg.align.shared_focal and len({tuple(s) for s in rec.orig_sizes}) == 1)
-        scene = tmp / "scene"
-        rec.save(scene / "reconstruction.npz")
-        for sub, maps in (("depth", rec.depths), ("conf", rec.confs)):
-            (scene / sub).mkdir()
-            for name, m in zip(rec.names, maps):
-                np.save(scene / sub / f"{Path(name).stem}.npy", m)
-        default_permissions(scene)
-        if cfg.out.exists():
-            old = parent / f".{cfg.out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(cfg.out, old)
-            os.replace(scene, cfg.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(scene, cfg.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    conf_thr, max_points = cfg.points.conf_thr, cfg.points.max_points
+    export_dataset(rec, cfg.out, images=sources, conf_thr=conf_thr, max_points=max_points, text=cfg.text,
+                   shared_camera=cfg.align.shared_focal and len({tuple(s) for s in rec.orig_sizes}) == 1,
+                   reconstruction=True, replace=True)
 
     xyz, _, _ = rec.pointcloud(conf_thr=conf_thr, max_points=max_points or None)
     focal = rec.K_orig[:, 0, 0]
-    rows = [
-        ("images", f"{len(rec.names)}"),
-        ("pairs", f"{preds.n_edges}"),
-        ("network", f"{t_net:.1f} s"),
-        ("alignment", f"{t_align:.1f} s ({rec.meta.get('mode')}, {rec.meta.get('iterations')} it)"),
-        ("focal (orig px)", f"{focal.min():.1f} .. {focal.max():.1f}"),
-        ("points", f"{len(xyz)}"),
-        ("output", str(cfg.out)),
-    ]
+    rows = [("images", f"{len(rec.names)}"), *rows,
+            ("reconstruction", f"{t_rec:.1f} s ({how})"),
+            ("alignment", f"{rec.meta.get('mode')}, {rec.meta.get('iterations')} it"),
+            ("focal (orig px)", f"{focal.min():.1f} .. {focal.max():.1f}"),
+            ("points", f"{len(xyz)}"),
+            ("output", str(cfg.out))]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), file=sys.stderr)
     return rec

@@ -412,6 +412,12 @@ def test_registry_drives_export_dataset_and_the_cli(recon, tmp_path, monkeypatch
     monkeypatch.setitem(ds_mod.WRITERS, "npz", write_npz)
     written = export_dataset(recon, tmp_path / "ds", formats=("npz", "ply"), max_points=40)
     n_points = len(recon.pointcloud(max_points=40)[0])
-    assert list(written) == ["ply", "npz"] and calls == [(recon, tmp_path / "ds", ("npz", "ply"), n_points)]
+    # writers fill the dataset's temporary folder beside the output; the result names the final paths
+    assert list(written) == ["ply", "npz"] and len(calls) == 1
+    got_recon, got_dir, got_formats, got_n = calls[0]
+    assert got_recon is recon and got_dir.parent == tmp_path and got_dir.name.startswith(".ds.")
+    assert (got_formats, got_n) == (("npz", "ply"), n_points)
+    assert written["npz"] == tmp_path / "ds" and written["ply"] == tmp_path / "ds" / "sparse_pc.ply"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
     with pytest.raises(ExportError, match=r"choose from \['colmap', 'ply', 'nerfstudio', 'glb', 'npz'\]"):
         export_dataset(recon, tmp_path / "ds3", formats=("obj",))

@@ -20,7 +20,7 @@ from dust3r_ns import conventions as cv  # noqa: E402
 from dust3r_ns.align import AlignConfig  # noqa: E402
 from dust3r_ns.nerfstudio.dataparser import Dust3rDataParser, Dust3rDataParserConfig  # noqa: E402
 from dust3r_ns.nerfstudio.rasterizer import project_gaussians, rasterize_dense  # noqa: E402
-from dust3r_ns.nerfstudio.scene_cache import SceneError  # noqa: E402
+from dust3r_ns.nerfstudio.scene_cache import CacheConfig, SceneError  # noqa: E402
 from dust3r_ns.pipeline import NetworkConfig, PairsConfig, PointsConfig  # noqa: E402
 from dust3r_ns.scene import Reconstruction  # noqa: E402
 
@@ -93,11 +93,12 @@ def fake_build(monkeypatch):
 
 
 def parser_config(data: Path, model: str, conf_thr: float, max_points: int = 100_000, image_size=None,
-                  align_mode: str = "fast", **kw) -> Dust3rDataParserConfig:
-    """The dataparser config with the embedded network/pairs/align/points configs set from flat options."""
+                  align_mode: str = "fast", cache_dir=None, use_cache: bool = True, **kw) -> Dust3rDataParserConfig:
+    """The dataparser config with the embedded network/pairs/align/points/cache configs set from flat options."""
     return Dust3rDataParserConfig(data=data, network=NetworkConfig(model=model), pairs=PairsConfig(image_size=image_size),
                                   align=AlignConfig(mode=align_mode),
-                                  points=PointsConfig(conf_thr=conf_thr, max_points=max_points), **kw)
+                                  points=PointsConfig(conf_thr=conf_thr, max_points=max_points),
+                                  cache=CacheConfig(cache_dir=cache_dir, use_cache=use_cache), **kw)
 
 
 def parser_for(data: Path, tmp_path: Path, **kw) -> Dust3rDataParser:
@@ -282,13 +283,13 @@ def test_bad_inputs_give_clear_errors(tmp_path, fake_build):
 
 
 def test_alignment_failure_is_explained(tmp_path, monkeypatch):
-    import dust3r_ns.nerfstudio.dataparser as dp
+    import dust3r_ns.pipeline as pl
 
     def bad_align(*a, **k):
         raise ValueError("Reconstruction.c2w/K contain non-finite values")
 
-    monkeypatch.setattr(dp, "run_pairs", lambda *a, **k: None)
-    monkeypatch.setattr(dp, "align", bad_align)
+    monkeypatch.setattr(pl, "run_pairs", lambda *a, **k: None)
+    monkeypatch.setattr(pl, "align", bad_align)
     data = tmp_path / "photos"
     write_photos(data, 2)
     with pytest.raises(SceneError, match="global alignment failed.*non-finite.*check --model"):

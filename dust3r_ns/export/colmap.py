@@ -123,7 +123,23 @@ def write_colmap(
             rec.write_text(str(tmp))
         else:
             rec.write(str(tmp))
+        _check_written(tmp, rec, pycolmap, Path(out_dir))
     return Path(out_dir)
+
+
+def _check_written(folder: Path, rec: Any, pycolmap: Any, out_dir: Path) -> None:
+    """Read the model just written back; pycolmap does not report failed writes (e.g. a full disk)."""
+    try:
+        back = pycolmap.Reconstruction(str(folder))
+        ok = (back.num_cameras(), back.num_images(), back.num_points3D()) == (
+            rec.num_cameras(), rec.num_images(), rec.num_points3D())
+    except Exception as e:  # pycolmap raises its own error types on truncated files
+        ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    else:
+        why = "counts of cameras/images/points differ"
+    if not ok:
+        raise ExportError(f"the COLMAP model written for {out_dir} does not read back ({why}); the disk may be full: "
+                          "free disk space or choose another output folder")
 
 
 def read_colmap(model_dir: str | os.PathLike, ignore_distortion: bool = False) -> dict[str, Any]:

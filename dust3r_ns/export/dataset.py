@@ -1,18 +1,24 @@
 """One-call export of a Reconstruction as a dataset folder for splatting tools, through a registry of writers.
 
 Layout of `out_dir` (export format in brackets):
-    images/<name>        upright copies of the original images (when image sources are given)
+    images/<name>        the images as the reconstruction saw them, 8-bit RGB, upright (when image sources are
+                         given): an upright 8-bit RGB JPEG/PNG byte for byte, any other file as `<name>.png`
+    images_2/, _4/, _8/  the same images downscaled (nerfstudio's naming and floor rounding, Lanczos)
     sparse/0/            [colmap] COLMAP model (cameras, images, points3D; binary or text)
     sparse_pc.ply        [ply] the point cloud (nerfstudio's `ply_file_path`, 3DGS initialisation)
     transforms.json      [nerfstudio] cameras (`ns-train splatfacto --data out_dir` reads it and the PLY)
     scene.glb            [glb] point cloud + camera frusta for viewing
+    reconstruction.npz, depth/, conf/   the full reconstruction (`reconstruction=True`, as `reconstruct` writes)
 `WRITERS` maps each format name to its writer `(recon, out_dir, options) -> path written`; `export_dataset` runs
 the selected ones in registry order (the PLY before transforms.json, which references it). The point cloud is
-extracted once and shared by all formats.
+extracted once and shared by all formats. The dataset is assembled in a temporary folder and swapped in whole
+(`fileio.atomic_dir`): a failed or killed export leaves `out_dir` as it was. Image names that change (`<name>.png`)
+are the names every format writes (COLMAP image names, transforms.json file paths, the saved reconstruction).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,7 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..fileio import atomic_file
+from .. import images as imgs
+from ..fileio import atomic_dir, atomic_file
 from ..scene import Reconstruction
 from ._common import ExportError, get_pointcloud, validate_recon
 from .colmap import write_colmap
@@ -87,52 +94,64 @@ FORMATS = tuple(WRITERS)
 
 
 def copy_images(recon: Reconstruction, sources: str | os.PathLike | Sequence[str | os.PathLike],
-                out_dir: str | os.PathLike) -> Path:
-    """Copy the original images to `out_dir/<name>` so that COLMAP/nerfstudio see them as the reconstruction did.
+                out_dir: str | os.PathLike, downscales: Sequence[int] = imgs.DOWNSCALES) -> list[str]:
+    """Write the images as the reconstruction saw them to `out_dir/<name>`; return the file names written.
 
-    sources: a folder holding `recon.names`, or one path per image in reconstruction order. Files without EXIF
-    rotation are copied byte for byte; rotated ones are re-saved upright (JPEG quality 95) without the tag.
-    Each result must have the reconstruction's original size.
+    sources: a folder holding `recon.names`, or one path per image in reconstruction order. Each image is decoded
+    as the network input is (`images.decode_rgb`: upright, 8-bit RGB) and must have the reconstruction's original
+    size. An upright 8-bit RGB JPEG/PNG is copied byte for byte under its name; any other file (EXIF rotation,
+    palette, CMYK, 16-bit, alpha, GIF/TIFF/WebP/HEIC ...) is saved as an RGB PNG named `images.rgb_file_name`.
+    downscales: factors f of the reduced copies written to `<out_dir>_<f>/<file name>` (nerfstudio's layout).
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     n = validate_recon(recon)
     if isinstance(sources, (str, os.PathLike)):
         folder = Path(sources)
         if not folder.is_dir():
-            raise ExportError(f"images folder {folder} does not exist")
+            raise ExportError(f"images folder {folder} does not exist; pass the folder of the original images")
         paths = [folder / name for name in recon.names]
     else:
         paths = [Path(p) for p in sources]
         if len(paths) != n:
             raise ExportError(f"got {len(paths)} image paths for a reconstruction of {n} images")
     out_dir = Path(out_dir)
+    written: list[str] = []
     for src, name, (w, h) in zip(paths, recon.names, np.asarray(recon.orig_sizes)):
         if not src.is_file():
             raise ExportError(f"image {src} not found; pass the folder or the paths of the original images")
-        dst = out_dir / name
         try:
-            with Image.open(src) as im:
-                orient = im.getexif().get(0x0112, 1)
-                if orient in (1, None):
-                    size = im.size
-                    upright = None
-                else:
-                    upright = ImageOps.exif_transpose(im)
-                    size = upright.size
-        except OSError as e:
-            raise ExportError(f"cannot read image {src}: {e}") from e
-        if tuple(size) != (int(w), int(h)):
-            raise ExportError(f"image {src} is {size[0]}x{size[1]} (upright) but the reconstruction expects {w}x{h}; "
-                              "wrong image for this reconstruction?")
-        with atomic_file(dst, "image copy", error=ExportError) as tmp:
-            if upright is None:
+            as_is = imgs.stored_as_rgb(src)
+            img = imgs.decode_rgb(src)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ExportError(f"cannot read image {src} ({type(e).__name__}: {e}); pass the original images") from e
+        if tuple(img.size) != (int(w), int(h)):
+            raise ExportError(f"image {src} is {img.size[0]}x{img.size[1]} (upright) but the reconstruction expects "
+                              f"{w}x{h}; wrong image for this reconstruction?")
+        fname = imgs.rgb_file_name(name, as_is)
+        if fname in written or (fname != name and fname in recon.names):
+            raise ExportError(f"image {src}: its RGB copy {fname} collides with another image's name; rename it")
+        with atomic_file(out_dir / fname, "image copy", error=ExportError) as tmp:
+            if as_is:
                 shutil.copyfile(src, tmp)
             else:
-                fmt = Image.registered_extensions().get(dst.suffix.lower(), "PNG")
-                kw = {"quality": 95} if fmt == "JPEG" else {}
-                upright.save(tmp, format=fmt, **kw)
-    return out_dir
+                imgs.save_rgb(img, tmp, "PNG")
+        fmt = "JPEG" if as_is and Path(fname).suffix.lower() in (".jpg", ".jpeg") else "PNG"
+        for f in downscales:
+            with atomic_file(out_dir.parent / f"{out_dir.name}_{f}" / fname, "downscaled image",
+                             error=ExportError) as tmp:
+                imgs.save_downscaled(img, tmp, f, fmt)
+        written.append(fname)
+    return written
+
+
+def _save_reconstruction(recon: Reconstruction, out_dir: Path) -> None:
+    """`reconstruction.npz` plus `depth/<stem>.npy` and `conf/<stem>.npy` per image (network resolution)."""
+    recon.save(out_dir / "reconstruction.npz")
+    for sub, maps in (("depth", recon.depths), ("conf", recon.confs)):
+        (out_dir / sub).mkdir()
+        for name, m in zip(recon.names, maps):
+            np.save(out_dir / sub / f"{Path(name).stem}.npy", m)
 
 
 def export_dataset(
@@ -144,12 +163,19 @@ def export_dataset(
     max_points: int | None = None,
     text: bool = False,
     shared_camera: bool = False,
+    downscales: Sequence[int] = imgs.DOWNSCALES,
+    reconstruction: bool = False,
+    replace: bool = False,
 ) -> dict[str, Path]:
-    """Export `recon` into `out_dir` (layout in the module docstring); returns {format: path written}.
+    """Export `recon` into `out_dir` (layout in the module docstring) in one step; returns {format: path written}.
 
     formats: any of the `WRITERS` keys (`FORMATS`). images: folder or per-image paths of the original images to
-    copy into `out_dir/images` (returned as "images"; skipped when None). conf_thr/max_points: point-cloud options
-    passed to `recon.pointcloud` (its defaults when None; max_points=0: no cap).
+    write into `out_dir/images` (+ `images_<f>` for f in `downscales`) (returned as "images"; skipped when None).
+    conf_thr/max_points: point-cloud options passed to `recon.pointcloud` (its defaults when None; max_points=0:
+    no cap). reconstruction: also save the reconstruction, depth and confidence maps (returned as
+    "reconstruction"). An existing `out_dir` keeps the files this export does not write (a written folder such
+    as `images/` or `sparse/0/` replaces the old one), or none of them with `replace=True`. Any failure, a full
+    disk included, raises ExportError and leaves `out_dir` as it was.
     """
     validate_recon(recon)
     formats = tuple(formats)
@@ -160,9 +186,29 @@ def export_dataset(
     written: dict[str, Path] = {}
     opts = DatasetOptions(points=get_pointcloud(recon, conf_thr, max_points), formats=formats, text=text,
                           shared_camera=shared_camera)
-    if images is not None:
-        written["images"] = copy_images(recon, images, out_dir / "images")
-    for name, write in WRITERS.items():
-        if name in opts.formats:
-            written[name] = write(recon, out_dir, opts)
-    return written
+    managed: list[str] = ["sparse/0"] if "colmap" in formats else []
+    try:
+        with atomic_dir(out_dir, managed, "dataset", error=ExportError, replace=replace) as tmp:
+            ds = recon
+            if images is not None:
+                names = copy_images(recon, images, tmp / "images", downscales)
+                managed += ["images"] + [f"images_{f}" for f in downscales]
+                written["images"] = tmp / "images"
+                if names != list(recon.names):
+                    ds = dataclasses.replace(recon, names=names)
+            for name, write in WRITERS.items():
+                if name in opts.formats:
+                    written[name] = write(ds, tmp, opts)
+            if reconstruction:
+                _save_reconstruction(ds, tmp)
+                managed += ["depth", "conf"]
+                written["reconstruction"] = tmp / "reconstruction.npz"
+            tmp_dir = tmp
+    except OSError as e:
+        raise ExportError(f"writing the dataset {out_dir} failed ({e}); it was left as it was: free disk space or "
+                          "choose another output folder") from e
+    def final(path: Path) -> Path:  # where a path inside the temporary folder ended up
+        path = Path(path)
+        return out_dir / path.relative_to(tmp_dir) if path.is_relative_to(tmp_dir) else path
+
+    return {k: final(v) for k, v in written.items()}

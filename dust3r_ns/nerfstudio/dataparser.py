@@ -1,10 +1,14 @@
 """nerfstudio dataparser `dust3r`: a folder of unposed photos -> DUSt3R cameras, intrinsics and seed points.
 
-`--data` is a folder of photos. The parser runs pair inference + global alignment (or reuses a cached result, see
-`scene_cache`) and returns `DataparserOutputs` with
-- `Cameras`: OpenGL camera-to-world, per-image pinhole intrinsics in ORIGINAL-image pixels with nerfstudio's pixel
-  centres at +0.5 (what nerfstudio loads: the photos themselves, or upright PNG copies from the cache when a photo
-  has an EXIF rotation or a format/mode nerfstudio's loader mishandles);
+`--data` is a folder of photos, or a `dust3r-ns reconstruct` output folder (or its `reconstruction.npz`). For
+photos the parser runs pair inference + global alignment, or reuses the cached result (`scene_cache`, the cache
+`dust3r-ns reconstruct` uses too); a reconstruction folder is reused as it is, without the network. It returns
+`DataparserOutputs` with
+- `Cameras`: OpenGL camera-to-world, per-image pinhole intrinsics with nerfstudio's pixel centres at +0.5, for
+  the images nerfstudio loads: the photos themselves (8-bit RGB PNG copies from the cache for photos that are not
+  upright 8-bit RGB JPEG/PNG files), or the folder's `images/`; downscaled by `downscale_factor` (None:
+  nerfstudio's automatic choice, long side <= 1600 px) into `images_<f>/` with size floor(W/f) x floor(H/f) and
+  the intrinsics of that resize (scale floor(W/f)/W, floor(H/f)/H in pixel-edge coordinates);
 - orientation / centring / scaling as nerfstudio's COLMAP parser: world axes (x, y, z) -> (x, z, -y) (DUSt3R's
   world is a y-down OpenCV frame), `auto_orient_and_center_poses`, then translations scaled by 1 / max|t|.
   `dataparser_transform` (3x4) maps the reconstruction's world (`reconstruction.npz` in the cache entry) to the
@@ -19,7 +23,6 @@ own config module is still initialising (circular import otherwise).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Type
@@ -40,15 +43,22 @@ from nerfstudio.plugins.registry_dataparser import DataParserSpecification
 
 from dust3r_ns import conventions as cv
 from dust3r_ns.align import AlignConfig
-from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, align,
-                                default_model_source, resolve_device, run_pairs)
+from dust3r_ns.images import auto_downscale, downscale_size
+from dust3r_ns.pipeline import Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, default_model_source
 from dust3r_ns.nerfstudio.scene_cache import (
+    Cache,
+    CacheConfig,
     CachedScene,
     SceneError,
-    default_cache_dir,
+    build_reconstruction,
+    cache_dir_for,
+    downscaled_files,
+    find_reconstruction,
     list_images,
     load_or_build,
     model_identity,
+    open_reconstruction,
+    reconstruction_options,
 )
 
 @dataclass
@@ -57,7 +67,8 @@ class Dust3rDataParserConfig(DataParserConfig):
 
     _target: Type = field(default_factory=lambda: Dust3rDataParser)
     data: Path = Path()
-    """Folder of photos (at least 2; sub-folders and hidden files are ignored)."""
+    """Folder of photos (at least 2; sub-folders and hidden files ignored), or a reconstruct output folder / its
+    reconstruction.npz (reused without the network)."""
     network: Network = NetworkConfig()
     """DUSt3R checkpoint and device (--model, --device, --batch-size, --amp)."""
     pairs: Pairs = PairsConfig()
@@ -66,10 +77,10 @@ class Dust3rDataParserConfig(DataParserConfig):
     """Global alignment (--align.mode, --align.niter, --align.shared-focal, ...)."""
     points: Points = PointsConfig()
     """Seed points: confidence threshold (also stored with the reconstruction) and point cap."""
-    cache_dir: Optional[Path] = None
-    """Reconstruction cache folder; None = <data>/.dust3r_cache (or ~/.cache/dust3r_ns/nerfstudio if read-only)."""
-    use_cache: bool = True
-    """Reuse a cached reconstruction of the same photos, model and options (False = always recompute)."""
+    cache: Cache = CacheConfig()
+    """Reconstruction cache shared with dust3r-ns reconstruct (--cache-dir, --use-cache)."""
+    downscale_factor: Optional[int] = None
+    """Train on images reduced by this factor (images_<f>/, written when missing); None: nerfstudio's choice."""
     orientation_method: Literal["pca", "up", "vertical", "none"] = "up"
     """How to orient the scene (as the COLMAP parser)."""
     center_method: Literal["poses", "focus", "none"] = "poses"
@@ -102,39 +113,32 @@ class Dust3rDataParser(DataParser):
         """Photo indices of the last split returned."""
 
     # ------------------------------------------------------------------ reconstruction
-    def _options(self) -> dict:
-        """The options that change the reconstruction (part of the cache key; device and budgets are not)."""
-        c = self.config
-        align = {k: v for k, v in dataclasses.asdict(c.align).items() if k not in ("device", "memory_limit_bytes")}
-        return {"pairs": dataclasses.asdict(c.pairs), "align": align, "conf_thr": c.points.conf_thr,
-                "amp": c.network.amp}
-
     def _build(self, model: str, paths: list[Path]):
         c = self.config
-        network = dataclasses.replace(c.network, model=model, device=resolve_device(c.network.device))
-        print(f"dust3r: reconstructing {len(paths)} photos on {network.device} (cached afterwards)", file=sys.stderr)
-        preds = run_pairs([str(p) for p in paths], network, c.pairs)
-        try:
-            rec = align(preds, c.align, c.points, network.device)
-        except ValueError as e:  # AlignError / ReconstructionError: unusable predictions
-            raise SceneError(f"{c.data}: global alignment failed ({e}); the model's predictions for these photos are "
-                             "unusable: check --model (the bundled model only knows synthetic scenes), the photos' "
-                             "overlap, or try --align.mode baseline") from e
-        del preds
-        if network.device.startswith("cuda"):
-            torch.cuda.empty_cache()  # give the network's memory back before splatting starts
-        return rec
+        return build_reconstruction(paths, dataclasses.replace(c.network, model=model), c.pairs, c.align, c.points,
+                                    label=str(c.data))
 
     def get_scene(self) -> CachedScene:
-        """The (cached) reconstruction of the photo folder; computed once per parser."""
+        """The reconstruction of `data`: a saved one, or the (cached) one of the photo folder; once per parser."""
         if self.scene is None:
             c = self.config
+            npz = find_reconstruction(Path(c.data))
+            if npz is not None:
+                self.scene = open_reconstruction(npz)
+                return self.scene
             photos = list_images(Path(c.data))
             model = c.network.model or default_model_source()
-            cache_dir = Path(c.cache_dir) if c.cache_dir is not None else default_cache_dir(Path(c.data))
-            self.scene = load_or_build(photos, cache_dir, model_identity(model), self._options(),
-                                       lambda paths: self._build(model, paths), use_cache=c.use_cache)
+            options = reconstruction_options(c.network, c.pairs, c.align, c.points)
+            self.scene = load_or_build(photos, cache_dir_for(photos, c.cache), model_identity(model), options,
+                                       lambda paths: self._build(model, paths), use_cache=c.cache.use_cache)
         return self.scene
+
+    def downscale(self) -> int:
+        """The downscale factor: as configured, else nerfstudio's automatic choice for the images' sizes."""
+        f = self.config.downscale_factor
+        if f is not None and f < 1:
+            raise SceneError(f"--downscale-factor must be >= 1 (1 = full resolution), got {f}")
+        return int(f) if f is not None else auto_downscale(np.asarray(self.get_scene().rec.orig_sizes))
 
     # ------------------------------------------------------------------ nerfstudio frame
     def _split_indices(self, files: list[Path], split: str) -> np.ndarray:
@@ -182,9 +186,13 @@ class Dust3rDataParser(DataParser):
         poses[:, :3, 3] *= scale
         xyz_t *= scale
 
-        # intrinsics in original-image pixels, nerfstudio's pixel centres (+0.5)
-        K = cv.K_to_colmap(np.asarray(rec.K_orig, dtype=np.float64))
-        sizes = np.asarray(rec.orig_sizes, dtype=np.int64)
+        # intrinsics of the (downscaled) images nerfstudio loads, nerfstudio's pixel centres (+0.5)
+        factor = self.downscale()
+        orig = np.asarray(rec.orig_sizes, dtype=np.int64)
+        sizes = np.array([downscale_size(tuple(s), factor) for s in orig], dtype=np.int64)
+        resize = np.concatenate([sizes / orig, np.zeros_like(sizes, dtype=np.float64)], axis=1)  # (sx, sy, 0, 0)
+        K = cv.K_to_colmap(cv.K_orig_to_net(np.asarray(rec.K_orig, dtype=np.float64), resize))
+        files = downscaled_files(scene, factor)
         idx = self._split_indices(scene.image_files, split)
         sel = torch.from_numpy(idx)
         cameras = Cameras(
@@ -201,7 +209,7 @@ class Dust3rDataParser(DataParser):
         self.split_photo_indices = idx
         s = float(c.scene_scale)
         return DataparserOutputs(
-            image_filenames=[scene.image_files[i] for i in idx],
+            image_filenames=[files[i] for i in idx],
             cameras=cameras,
             scene_box=SceneBox(aabb=torch.tensor([[-s, -s, -s], [s, s, s]], dtype=torch.float32)),
             metadata={

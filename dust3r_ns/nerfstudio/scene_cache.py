@@ -1,45 +1,66 @@
-"""Photos folder -> cached DUSt3R reconstruction for the nerfstudio dataparser (no nerfstudio imports here).
+"""Photos -> cached DUSt3R reconstruction, shared by `dust3r-ns reconstruct` and the nerfstudio dataparser.
 
 `list_images` finds and checks the photos of a folder; `load_or_build` returns the `Reconstruction` for them,
-reusing a cache entry keyed by the image contents, the model identity and the options that change the result.
+reusing a cache entry keyed by the image contents, the model identity and the options that change the result
+(`reconstruction_options`); `build_reconstruction` is the computation both commands run on a miss, so running
+`reconstruct` and `ns-train` on the same photos with the same options computes DUSt3R once.
+
 A cache entry is a folder ``<cache_dir>/<key[:20]>/`` holding ``manifest.json``, ``reconstruction.npz`` and, for
-photos nerfstudio cannot load as they are (EXIF rotation, unusual modes or formats), upright 8-bit PNG copies in
-``images/``. Entries are assembled in a temporary folder and renamed into place (atomic); on read they are
-validated and rebuilt with a warning when stale or corrupt.
+photos that are not upright 8-bit RGB JPEG/PNG files (EXIF rotation, palette, CMYK, 16-bit, alpha, other
+formats), 8-bit RGB PNG copies of what the network saw in ``images/`` (`images.rgb_file_name`). Downscaled images
+(`downscaled_files`) are added later as ``images_<f>/``. Entries are assembled in a temporary folder and swapped
+into place (`fileio.atomic_dir`: the umask's permissions, atomic, a killed writer's leftovers cleaned later); on
+read they are validated and rebuilt with a warning when stale or corrupt. When another process finishes the same
+entry first, its entry is used.
+
+`open_reconstruction` reads a `reconstruct`/`export` output folder (or its ``reconstruction.npz``) instead: the
+reconstruction and the images in its ``images/`` folder, no network.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 import numpy as np
+import tyro
 
-from dust3r_ns.fileio import default_permissions
-from dust3r_ns.images import IMAGE_EXTENSIONS, register_heif
+from dust3r_ns import fileio
+from dust3r_ns.images import (IMAGE_EXTENSIONS, decode_rgb, downscale_size, register_heif, rgb_file_name,
+                              save_downscaled, stored_as_rgb)
 
 CACHE_KIND = "dust3r_ns.nerfstudio.cache"
 CACHE_VERSION = 1
-# what nerfstudio's loader (PIL, no EXIF handling, np.uint8 cast) reads correctly as it is
-_NS_FORMATS = ("JPEG", "PNG")
-_NS_MODES = ("RGB", "RGBA", "L")
+RECONSTRUCTION_FILE = "reconstruction.npz"
 
 
 class SceneError(ValueError):
     """Bad input folder/photos or an unusable reconstruction for the nerfstudio dataparser."""
 
 
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where reconstructions of photo folders are cached (shared by `dust3r-ns reconstruct` and the dataparser)."""
+
+    cache_dir: Optional[Path] = None
+    """Reconstruction cache folder; None = <photos>/.dust3r_cache (or ~/.cache/dust3r_ns/nerfstudio if read-only)."""
+    use_cache: bool = True
+    """Reuse a cached reconstruction of the same photos, model and options (False = always recompute)."""
+
+
+Cache = Annotated[CacheConfig, tyro.conf.OmitArgPrefixes]
+
+
 @dataclass
 class PhotoInfo:
-    """One input photo: its path, upright size (W, H) and whether nerfstudio needs an upright 8-bit copy."""
+    """One input photo: its path, upright size (W, H) and whether loaders need an 8-bit RGB copy of it."""
 
     path: Path
     size: tuple[int, int]
@@ -48,7 +69,8 @@ class PhotoInfo:
 
 @dataclass
 class CachedScene:
-    """Result of `load_or_build`: the reconstruction, the files nerfstudio should load, the entry, hit or miss."""
+    """A reconstruction and the images its cameras describe: from the cache (`entry`, hit or miss) or from a
+    reconstruction folder (`entry` = that folder)."""
 
     rec: Any
     image_files: list[Path]
@@ -58,25 +80,23 @@ class CachedScene:
 
 def inspect_photo(path: Path) -> PhotoInfo:
     """Open and decode one photo; raise SceneError naming the file when it is not a readable image."""
-    from PIL import Image, ImageOps
-
     if path.suffix.lower() in (".heic", ".heif"):
         register_heif()
     try:
-        with Image.open(path) as im:
-            im.load()
-            orient = im.getexif().get(0x0112, 1)
-            size = ImageOps.exif_transpose(im).size if orient not in (None, 1) else im.size
-            needs = orient not in (None, 1) or im.format not in _NS_FORMATS or im.mode not in _NS_MODES
+        as_is = stored_as_rgb(path)
+        size = decode_rgb(path).size
     except Exception as e:  # PIL raises many types for bad files
         hint = " (install pillow-heif for HEIC photos)" if path.suffix.lower() in (".heic", ".heif") else ""
         raise SceneError(f"{path}: not a readable image ({type(e).__name__}: {e}){hint}; remove it from the folder "
                          "or replace it with a JPEG/PNG") from e
-    return PhotoInfo(path=path, size=(int(size[0]), int(size[1])), needs_copy=bool(needs))
+    return PhotoInfo(path=path, size=(int(size[0]), int(size[1])), needs_copy=not as_is)
 
 
-def list_images(folder: Path) -> list[PhotoInfo]:
-    """The photos of `folder` (non-recursive, sorted, hidden files skipped), each checked; at least 2 needed."""
+def list_images(folder: Path, skip_unreadable: bool = False) -> list[PhotoInfo]:
+    """The photos of `folder` (non-recursive, sorted, hidden files skipped), each checked; at least 2 needed.
+
+    skip_unreadable: skip undecodable files with a warning instead of raising SceneError.
+    """
     folder = Path(folder)
     if not folder.exists():
         raise SceneError(f"{folder}: no such folder; pass --data with a folder of photos")
@@ -88,9 +108,31 @@ def list_images(folder: Path) -> list[PhotoInfo]:
         what = f"only {len(files)} non-image file(s) such as {files[0].name}" if files else "nothing"
         raise SceneError(f"{folder}: no photos found ({what}); put at least 2 images "
                          f"({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder")
-    if len(photos) < 2:
-        raise SceneError(f"{folder}: only one photo ({photos[0].name}); DUSt3R needs at least 2 overlapping photos")
-    return [inspect_photo(p) for p in photos]
+    infos = []
+    for p in photos:
+        try:
+            infos.append(inspect_photo(p))
+        except SceneError as e:
+            if not skip_unreadable:
+                raise
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    if len(infos) < 2:
+        which = f"only one photo ({infos[0].path.name})" if infos else "no readable photo"
+        raise SceneError(f"{folder}: {which}; DUSt3R needs at least 2 overlapping photos")
+    return infos
+
+
+def inspect_photos(paths: Sequence[Path]) -> list[PhotoInfo]:
+    """Explicit photo files, in the given order, each checked (names must be unique)."""
+    paths = [Path(p) for p in paths]
+    names = [p.name for p in paths]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SceneError(f"{dup[0]}: several inputs have this file name; rename them")
+    for p in paths:
+        if not p.is_file():
+            raise SceneError(f"{p}: no such file; check the path")
+    return [inspect_photo(p) for p in paths]
 
 
 def _file_sha256(path: Path) -> str:
@@ -113,6 +155,33 @@ def model_identity(model: str) -> str:
     return f"hub:{model}"
 
 
+def reconstruction_options(network, pairs, align, points) -> dict[str, Any]:
+    """The options that change the reconstruction (part of the cache key; device and memory budget are not)."""
+    al = {k: v for k, v in dataclasses.asdict(align).items() if k not in ("device", "memory_limit_bytes")}
+    return {"pairs": dataclasses.asdict(pairs), "align": al, "conf_thr": points.conf_thr, "amp": network.amp}
+
+
+def build_reconstruction(paths: Sequence[Path], network, pairs, align_cfg, points, label: str = ""):
+    """Pair inference + global alignment of `paths` (in order); SceneError when the alignment fails."""
+    import torch
+
+    from dust3r_ns.pipeline import align, resolve_device, run_pairs
+
+    network = dataclasses.replace(network, device=resolve_device(network.device))
+    print(f"dust3r: reconstructing {len(paths)} photos on {network.device} (cached afterwards)", file=sys.stderr)
+    preds = run_pairs([str(p) for p in paths], network, pairs)
+    try:
+        rec = align(preds, align_cfg, points, network.device)
+    except ValueError as e:  # AlignError / ReconstructionError: unusable predictions
+        raise SceneError(f"{label or 'photos'}: global alignment failed ({e}); the model's predictions for these "
+                         "photos are unusable: check --model (the bundled model only knows synthetic scenes), the "
+                         "photos' overlap, or try --align.mode baseline") from e
+    del preds
+    if network.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # give the network's memory back before splatting starts
+    return rec
+
+
 def cache_key(photos: Sequence[PhotoInfo], model_id: str, options: dict[str, Any]) -> tuple[str, list[str]]:
     """(sha256 key, per-image content hashes) over image names + contents, model identity and options."""
     hashes = [_file_sha256(ph.path) for ph in photos]
@@ -131,21 +200,13 @@ def default_cache_dir(data: Path) -> Path:
     return base / "dust3r_ns" / "nerfstudio"
 
 
+def cache_dir_for(photos: Sequence[PhotoInfo], cfg: CacheConfig) -> Path:
+    """The configured cache folder, else the default one of the photos' folder (of the first photo's folder)."""
+    return Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir(photos[0].path.parent)
+
+
 def _copy_name(path: Path) -> str:
-    return f"{path.name}.png"
-
-
-def _write_upright_copy(src: Path, dst: Path) -> tuple[int, int]:
-    from PIL import Image, ImageOps
-
-    if src.suffix.lower() in (".heic", ".heif"):
-        register_heif()
-    with Image.open(src) as im:
-        up = ImageOps.exif_transpose(im)
-        keep_alpha = up.mode in ("RGBA", "LA", "PA") or (up.mode == "P" and "transparency" in up.info)
-        up = up.convert("RGBA" if keep_alpha else "RGB")
-        up.save(dst, format="PNG")
-        return up.size
+    return rgb_file_name(path.name, as_is=False)
 
 
 def _read_manifest(entry: Path) -> dict:
@@ -165,7 +226,7 @@ def _validate_entry(entry: Path, key: str, photos: Sequence[PhotoInfo]):
     man = _read_manifest(entry)
     if man.get("key") != key:
         raise SceneError("manifest key does not match the photos/model/options")
-    rec = Reconstruction.load(entry / "reconstruction.npz")  # validated; raises ReconstructionError (ValueError)
+    rec = Reconstruction.load(entry / RECONSTRUCTION_FILE)  # validated; raises ReconstructionError (ValueError)
     if len(rec) != len(photos):
         raise SceneError(f"cached reconstruction has {len(rec)} images, expected {len(photos)}")
     sizes = np.array([ph.size for ph in photos], dtype=np.int64)
@@ -175,7 +236,7 @@ def _validate_entry(entry: Path, key: str, photos: Sequence[PhotoInfo]):
         if ph.needs_copy:
             copy = entry / "images" / _copy_name(ph.path)
             if not copy.is_file():
-                raise SceneError(f"missing upright copy {copy.name}")
+                raise SceneError(f"missing RGB copy {copy.name}")
     return rec
 
 
@@ -183,43 +244,26 @@ def _image_files(entry: Path, photos: Sequence[PhotoInfo]) -> list[Path]:
     return [entry / "images" / _copy_name(ph.path) if ph.needs_copy else ph.path for ph in photos]
 
 
-def _write_entry(root: Path, entry: Path, key: str, hashes: list[str], photos: Sequence[PhotoInfo], rec,
+def _write_entry(entry: Path, key: str, hashes: list[str], photos: Sequence[PhotoInfo], rec,
                  options: dict[str, Any], model_id: str) -> None:
-    """Assemble the entry in a temporary folder next to it and rename it into place.
-
-    The entry's files are written inside the temporary folder (the reconstruction with `fileio.atomic_file`), which
-    then gets the permissions the umask gives new folders and files (`fileio.default_permissions`); an existing
-    entry is moved aside, replaced in one rename, then deleted.
-    """
+    """Assemble the entry in a temporary folder and swap it into place (`fileio.atomic_dir`, umask permissions)."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=root))
+        with fileio.atomic_dir(entry, what="cache entry", error=SceneError, replace=True) as tmp:
+            rec.save(tmp / RECONSTRUCTION_FILE)
+            for ph in photos:
+                if ph.needs_copy:
+                    img = decode_rgb(ph.path)
+                    if tuple(img.size) != tuple(ph.size):
+                        raise SceneError(f"{ph.path}: decoded as {img.size}, expected {ph.size}; did it change?")
+                    (tmp / "images").mkdir(exist_ok=True)
+                    img.save(tmp / "images" / _copy_name(ph.path), format="PNG")
+            manifest = {"kind": CACHE_KIND, "version": CACHE_VERSION, "key": key, "model": model_id,
+                        "options": options, "images": [[ph.path.name, h, list(ph.size), ph.needs_copy]
+                                                       for ph, h in zip(photos, hashes)]}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     except OSError as e:
-        raise SceneError(f"cannot write the cache in {root} ({e}); pass --cache-dir with a writable folder") from e
-    trash: Optional[Path] = None
-    try:
-        rec.save(tmp / "reconstruction.npz")
-        if any(ph.needs_copy for ph in photos):
-            (tmp / "images").mkdir()
-        for ph in photos:
-            if ph.needs_copy:
-                size = _write_upright_copy(ph.path, tmp / "images" / _copy_name(ph.path))
-                if tuple(size) != tuple(ph.size):
-                    raise SceneError(f"{ph.path}: upright copy is {size}, expected {ph.size}")
-        manifest = {"kind": CACHE_KIND, "version": CACHE_VERSION, "key": key, "model": model_id,
-                    "options": options, "images": [[ph.path.name, h, list(ph.size), ph.needs_copy]
-                                                   for ph, h in zip(photos, hashes)]}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # written last: marks completeness
-        default_permissions(tmp)
-        if entry.exists():
-            trash = root / f".{entry.name}.old{os.getpid()}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(entry, trash)
-        os.replace(tmp, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        raise SceneError(f"cannot write the cache entry {entry} ({e}); free disk space or pass --cache-dir with a "
+                         "writable folder") from e
 
 
 def load_or_build(photos: Sequence[PhotoInfo], cache_dir: Path, model_id: str, options: dict[str, Any],
@@ -227,10 +271,11 @@ def load_or_build(photos: Sequence[PhotoInfo], cache_dir: Path, model_id: str, o
     """The reconstruction of `photos`, from the cache when a valid entry exists, else `build(paths)` + store.
 
     `build` receives the photo paths (in order) and returns a `Reconstruction` whose images are in that order.
+    If another process stored the same entry while `build` ran, that entry is used (ours is dropped).
     """
     key, hashes = cache_key(photos, model_id, options)
-    root = Path(cache_dir)
-    entry = root / key[:20]
+    entry = Path(cache_dir) / key[:20]
+    fileio.recover_dir(entry)
     if use_cache and entry.exists():
         try:
             rec = _validate_entry(entry, key, photos)
@@ -246,5 +291,96 @@ def load_or_build(photos: Sequence[PhotoInfo], cache_dir: Path, model_id: str, o
     if not np.array_equal(np.asarray(rec.orig_sizes), sizes):
         raise SceneError(f"reconstruction image sizes {np.asarray(rec.orig_sizes).tolist()} differ from the upright "
                          f"photo sizes {sizes.tolist()}")
-    _write_entry(root, entry, key, hashes, photos, rec, options, model_id)
+    if use_cache and entry.exists():  # another process finished the same entry meanwhile: use it
+        try:
+            theirs = _validate_entry(entry, key, photos)
+            print(f"dust3r: another process stored {entry} meanwhile; using it", file=sys.stderr)
+            return CachedScene(rec=theirs, image_files=_image_files(entry, photos), entry=entry, hit=True)
+        except (ValueError, OSError):
+            pass
+    _write_entry(entry, key, hashes, photos, rec, options, model_id)
     return CachedScene(rec=rec, image_files=_image_files(entry, photos), entry=entry, hit=False)
+
+
+# ---------------------------------------------------------------- reconstruction folders
+def find_reconstruction(data: Path) -> Optional[Path]:
+    """The `reconstruction.npz` that `data` names (the file, or a folder holding one), else None (photos)."""
+    data = Path(data)
+    fileio.recover_dir(data)  # an `--overwrite` killed between its renames
+    if data.is_file() and data.suffix == ".npz":
+        return data
+    if data.is_dir() and (data / RECONSTRUCTION_FILE).is_file():
+        return data / RECONSTRUCTION_FILE
+    return None
+
+
+def open_reconstruction(npz: Path) -> CachedScene:
+    """A saved reconstruction and the images of its folder's `images/` (checked: present, 8-bit RGB, the size
+    the cameras describe)."""
+    from PIL import Image
+
+    from dust3r_ns.scene import Reconstruction
+
+    npz = Path(npz)
+    try:
+        rec = Reconstruction.load(npz)
+    except (ValueError, OSError) as e:
+        raise SceneError(f"{npz}: not a usable reconstruction ({e}); run dust3r-ns reconstruct again") from e
+    folder = npz.parent
+    files = [folder / "images" / name for name in rec.names]
+    for f, (w, h) in zip(files, np.asarray(rec.orig_sizes)):
+        if not f.is_file():
+            raise SceneError(f"{f}: missing; the reconstruction's images must be in {folder / 'images'} (export "
+                             f"with --images PHOTOS, or pass the photo folder as --data)")
+        try:
+            ok = stored_as_rgb(f)
+            with Image.open(f) as im:
+                size = im.size
+        except Exception as e:  # PIL raises many types for bad files
+            raise SceneError(f"{f}: not a readable image ({type(e).__name__}: {e}); export the dataset again") from e
+        if size != (int(w), int(h)) or not ok:
+            raise SceneError(f"{f}: is {size[0]}x{size[1]}{'' if ok else ' and not 8-bit RGB'} but the cameras "
+                             f"describe {w}x{h} RGB; export the dataset again with dust3r-ns export --images")
+    print(f"dust3r: reusing the reconstruction {npz} (no network; model/pair/align options are not used)",
+          file=sys.stderr)
+    return CachedScene(rec=rec, image_files=files, entry=folder, hit=True)
+
+
+# ---------------------------------------------------------------- downscales
+def _downscales_valid(files: Sequence[Path], sizes: Sequence[tuple[int, int]]) -> bool:
+    from PIL import Image
+
+    try:
+        for f, size in zip(files, sizes):
+            with Image.open(f) as im:
+                if im.size != tuple(size):
+                    return False
+    except Exception:  # missing or unreadable: rewrite
+        return False
+    return True
+
+
+def downscaled_files(scene: CachedScene, factor: int) -> list[Path]:
+    """`<entry>/images_<factor>/<file name>` for each image of `scene` (the cache entry, or the reconstruction
+    folder), written from its full-size images (decoded as the network saw them) when missing or of the wrong
+    size (`images.downscale_size`)."""
+    if factor == 1:
+        return list(scene.image_files)
+    folder = scene.entry / f"images_{factor}"
+    files = [folder / f.name for f in scene.image_files]
+    sizes = [downscale_size(tuple(s), factor) for s in np.asarray(scene.rec.orig_sizes)]
+    if _downscales_valid(files, sizes):
+        return files
+    print(f"dust3r: writing {len(files)} images downscaled by {factor} to {folder}", file=sys.stderr)
+    try:
+        with fileio.atomic_dir(folder, what="downscaled images", error=SceneError, replace=True) as tmp:
+            for src, size in zip(scene.image_files, sizes):
+                f = Path(src)
+                fmt = "JPEG" if f.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+                got = save_downscaled(decode_rgb(src), tmp / f.name, factor, fmt)
+                if got != size:
+                    raise SceneError(f"{src}: decoded size changed; expected {size} after downscaling by {factor}")
+    except OSError as e:
+        raise SceneError(f"cannot write {folder} ({e}); make it writable, free disk space or pass "
+                         "--downscale-factor 1") from e
+    return files
