@@ -1,0 +1,151 @@
+"""Multi-view tracks for the exported points: which other images see each point, by depth-consistent reprojection.
+
+A point of the cloud comes from one pixel p of one image a (its source). For every other image b the point x is
+projected with b's camera, (u', v', z) = K_b R_b^T (x - C_b) / z, and rounded to the nearest network pixel q. Image b
+observes the point when q lies inside b, q is one of b's reconstructed pixels (confidence above the threshold, not
+masked) and b's depth there agrees with the point's depth along b's axis: |depth_b(q) - z| <= depth_tol * z (a
+point hidden behind a nearer surface fails this test). A pixel observes at most one point: the source observation
+wins, then the smallest relative depth difference.
+
+Each track's 3D point is the confidence-weighted mean of its observations' back-projected pixels
+X_b(q) = C_b + R_b depth_b(q) K_b^-1 (q, 1); its keypoints are the pixel centres q (mapped to original-image
+pixels), and its reprojection error per observation is |project_b(X) - q| in original-image pixels (COLMAP's
+definition; the point's error is their mean). Pure numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import conventions as cv
+from ..scene import Reconstruction
+
+__all__ = ["Tracks", "build_tracks", "project"]
+
+
+@dataclass
+class Tracks:
+    """Points with their observations, sorted by point (each point's source observation first).
+
+    xyz (M,3) float64 fused points, rgb (M,3) uint8; per observation: point (O,) int64 index into xyz, image (O,)
+    int64, vu (O,2) int64 network pixel (v, u), error (O,) float64 reprojection error in original-image pixels.
+    """
+
+    xyz: np.ndarray
+    rgb: np.ndarray
+    point: np.ndarray
+    image: np.ndarray
+    vu: np.ndarray
+    error: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(M,) number of images observing each point."""
+        return np.bincount(self.point, minlength=len(self.xyz))
+
+    @property
+    def point_errors(self) -> np.ndarray:
+        """(M,) mean reprojection error of each point over its track (original-image pixels)."""
+        return np.bincount(self.point, weights=self.error, minlength=len(self.xyz)) / np.maximum(self.lengths, 1)
+
+    def summary(self) -> dict[str, float]:
+        """Points, observations, mean/max track length, mean/median reprojection error (original-image pixels)."""
+        n = self.lengths
+        return dict(points=int(len(self.xyz)), observations=int(len(self.point)),
+                    mean_track_length=float(n.mean()) if len(n) else 0.0, max_track_length=int(n.max(initial=0)),
+                    multi_view_share=float((n > 1).mean()) if len(n) else 0.0,
+                    mean_error_px=float(self.error.mean()) if len(self.error) else 0.0,
+                    median_error_px=float(np.median(self.error)) if len(self.error) else 0.0)
+
+
+def project(rec: Reconstruction, image: np.ndarray, xyz: np.ndarray, K: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Project world points xyz (M,3) into images `image` (M,) with intrinsics K (N,3,3) (default: network
+    pixels). Returns (uv (M,2) package pixel coordinates, z (M,) depth along the camera axis)."""
+    K = rec.K if K is None else K
+    c2w = rec.c2w[image]
+    Xc = np.einsum("mji,mj->mi", c2w[:, :3, :3], xyz - c2w[:, :3, 3])       # R^T (x - C)
+    z = Xc[:, 2]
+    Kp = K[image]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = Kp[:, 0, 0] * Xc[:, 0] / z + Kp[:, 0, 1] * Xc[:, 1] / z + Kp[:, 0, 2]
+        v = Kp[:, 1, 1] * Xc[:, 1] / z + Kp[:, 1, 2]
+    return np.stack([u, v], -1), z
+
+
+def _lookup(maps: list[np.ndarray], image: np.ndarray, vu: np.ndarray) -> np.ndarray:
+    """float64 values maps[image][v, u] per observation (one gather per image)."""
+    out = np.zeros(len(image), np.float64)
+    for b in np.unique(image):
+        m = image == b
+        out[m] = maps[b][vu[m, 0], vu[m, 1]]
+    return out
+
+
+def _back_project(rec: Reconstruction, image: np.ndarray, vu: np.ndarray) -> np.ndarray:
+    """World points (O,3) of network pixels vu (O,2) of images `image` (O,) from their depth maps."""
+    d = _lookup(rec.depths, image, vu)
+    Kinv = np.linalg.inv(rec.K)[image]
+    ray = np.einsum("mij,mj->mi", Kinv, np.stack([vu[:, 1], vu[:, 0], np.ones(len(vu))], -1).astype(np.float64))
+    c2w = rec.c2w[image]
+    return np.einsum("mij,mj->mi", c2w[:, :3, :3], ray * d[:, None]) + c2w[:, :3, 3]
+
+
+def build_tracks(rec: Reconstruction, points: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 conf_thr: float | None = None, depth_tol: float = 0.02) -> Tracks:
+    """Tracks of the points (xyz, rgb, src) of `rec.pointcloud(conf_thr=...)` (see the module docstring).
+
+    conf_thr: which pixels of the other images count as reconstructed (None: `rec.default_conf_thr`; use the
+    point cloud's threshold). depth_tol: relative depth agreement for an observation; 0: every point keeps only its
+    source observation (single-image tracks, the point's own coordinates).
+    """
+    xyz, rgb, src = (np.asarray(a) for a in points)
+    src = src.astype(np.int64).reshape(-1, 3)
+    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    M, N = len(xyz), len(rec)
+    if depth_tol < 0:
+        raise ValueError(f"depth_tol must be >= 0 (0: single-image tracks), got {depth_tol}")
+    # candidate observations: (point, image, v, u, rank); the source has rank -1 (always kept)
+    P, B, V, U, R = [np.arange(M)], [src[:, 0]], [src[:, 1]], [src[:, 2]], [np.full(M, -1.0)]
+    if depth_tol > 0 and M:
+        valid = rec.masks(conf_thr)
+        for b in range(N):
+            h, w = rec.depths[b].shape
+            uv, z = project(rec, np.full(M, b), xyz)
+            with np.errstate(invalid="ignore"):
+                ok = (src[:, 0] != b) & (z > 0) & np.isfinite(uv).all(1)
+            q = np.full((M, 2), -1, np.int64)
+            q[ok] = np.floor(uv[ok] + 0.5).astype(np.int64)                # nearest pixel centre (u, v)
+            ok &= (q[:, 0] >= 0) & (q[:, 0] < w) & (q[:, 1] >= 0) & (q[:, 1] < h)
+            idx = np.nonzero(ok)[0]
+            qu, qv = q[idx, 0], q[idx, 1]
+            keep = valid[b][qv, qu]
+            rel = np.abs(rec.depths[b][qv, qu].astype(np.float64) - z[idx]) / z[idx]
+            keep &= rel <= depth_tol
+            idx = idx[keep]
+            P.append(idx), B.append(np.full(len(idx), b)), V.append(qv[keep]), U.append(qu[keep]), R.append(rel[keep])
+    p, b, v, u, r = (np.concatenate(x) for x in (P, B, V, U, R))
+    # one point per pixel: sort by pixel then rank, keep the first
+    key = (b * (1 + max(int(v.max(initial=0)), 0)) + v) * (1 + int(u.max(initial=0))) + u
+    order = np.lexsort((r, key))
+    first = np.ones(len(order), bool)
+    first[1:] = key[order][1:] != key[order][:-1]
+    sel = order[first]
+    # by point, source first
+    sel = sel[np.lexsort((r[sel], p[sel]))]
+    p, b, vu, r = p[sel], b[sel], np.stack([v[sel], u[sel]], -1), r[sel]
+    if depth_tol > 0:
+        Xo = _back_project(rec, b, vu)
+        wt = np.maximum(_lookup(rec.confs, b, vu), 1e-6)
+        den = np.bincount(p, weights=wt, minlength=M)
+        fused = np.stack([np.bincount(p, weights=wt * Xo[:, k], minlength=M) for k in range(3)], -1)
+        fused /= np.maximum(den, 1e-30)[:, None]
+    else:
+        fused = xyz.copy()
+    K_orig = rec.K_orig
+    uv_proj, _ = project(rec, b, fused[p], K=K_orig)
+    kp = cv.pixel_net_to_orig(np.stack([vu[:, 1], vu[:, 0]], -1).astype(np.float64), rec.transforms[b])
+    err = np.linalg.norm(uv_proj - kp, axis=-1)
+    return Tracks(xyz=fused, rgb=np.asarray(rgb, np.uint8).reshape(-1, 3), point=p, image=b, vu=vu, error=err)
