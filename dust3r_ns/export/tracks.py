@@ -3,9 +3,10 @@
 A point of the cloud comes from one pixel p of one image a (its source). For every other image b the point x is
 projected with b's camera, (u', v', z) = K_b R_b^T (x - C_b) / z, and rounded to the nearest network pixel q. Image b
 observes the point when q lies inside b, q is one of b's reconstructed pixels (confidence above the threshold, not
-masked) and b's depth there agrees with the point's depth along b's axis: |depth_b(q) - z| <= depth_tol * z (a
-point hidden behind a nearer surface fails this test). A pixel observes at most one point: the source observation
-wins, then the smallest relative depth difference.
+masked) and b's depth agrees with the point's depth along b's axis: |d - z| <= depth_tol * z, with d the depth at q
+or the depth at (u', v') interpolated in inverse depth (exact on planes) from its 4 pixels (a point hidden behind a
+nearer surface fails this test). Each observation is its own keypoint: two points may
+observe the same pixel (down-sampled clouds hold nearby points from several images).
 
 Each track's 3D point is the confidence-weighted mean of its observations' back-projected pixels
 X_b(q) = C_b + R_b depth_b(q) K_b^-1 (q, 1); its keypoints are the pixel centres q (mapped to original-image
@@ -50,13 +51,23 @@ class Tracks:
         """(M,) mean reprojection error of each point over its track (original-image pixels)."""
         return np.bincount(self.point, weights=self.error, minlength=len(self.xyz)) / np.maximum(self.lengths, 1)
 
+    def select(self, keep: np.ndarray) -> "Tracks":
+        """The tracks of the points where the boolean (M,) `keep` holds (points renumbered in order)."""
+        keep = np.asarray(keep, bool)
+        new = np.cumsum(keep) - 1
+        o = keep[self.point]
+        return Tracks(xyz=self.xyz[keep], rgb=self.rgb[keep], point=new[self.point[o]], image=self.image[o],
+                      vu=self.vu[o], error=self.error[o])
+
     def summary(self) -> dict[str, float]:
-        """Points, observations, mean/max track length, mean/median reprojection error (original-image pixels)."""
+        """Points, observations, mean/max track length, share of multi-view points, mean/median reprojection error
+        per observation and mean per point (COLMAP's mean reprojection error), in original-image pixels."""
         n = self.lengths
         return dict(points=int(len(self.xyz)), observations=int(len(self.point)),
                     mean_track_length=float(n.mean()) if len(n) else 0.0, max_track_length=int(n.max(initial=0)),
                     multi_view_share=float((n > 1).mean()) if len(n) else 0.0,
                     mean_error_px=float(self.error.mean()) if len(self.error) else 0.0,
+                    mean_point_error_px=float(self.point_errors.mean()) if len(n) else 0.0,
                     median_error_px=float(np.median(self.error)) if len(self.error) else 0.0)
 
 
@@ -73,6 +84,26 @@ def project(rec: Reconstruction, image: np.ndarray, xyz: np.ndarray, K: np.ndarr
         u = Kp[:, 0, 0] * Xc[:, 0] / z + Kp[:, 0, 1] * Xc[:, 1] / z + Kp[:, 0, 2]
         v = Kp[:, 1, 1] * Xc[:, 1] / z + Kp[:, 1, 2]
     return np.stack([u, v], -1), z
+
+
+def _interp_rel(depth: np.ndarray, valid: np.ndarray, uv: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """|d - z| / z with d the depth map at the sub-pixel positions uv, interpolated bilinearly in inverse depth
+    (exact on planes) from the 4 surrounding pixels; inf where one of them is outside or not reconstructed."""
+    h, w = depth.shape
+    u0, v0 = np.floor(uv[:, 0]).astype(np.int64), np.floor(uv[:, 1]).astype(np.int64)
+    ok = (u0 >= 0) & (u0 + 1 < w) & (v0 >= 0) & (v0 + 1 < h)
+    out = np.full(len(uv), np.inf)
+    i = np.nonzero(ok)[0]
+    u0, v0 = u0[i], v0[i]
+    fu, fv = uv[i, 0] - u0, uv[i, 1] - v0
+    inv = 0.0
+    good = np.ones(len(i), bool)
+    for du, dv, wt in ((0, 0, (1 - fu) * (1 - fv)), (1, 0, fu * (1 - fv)), (0, 1, (1 - fu) * fv), (1, 1, fu * fv)):
+        d = depth[v0 + dv, u0 + du].astype(np.float64)
+        good &= valid[v0 + dv, u0 + du] & (d > 0)
+        inv = inv + wt / np.where(d > 0, d, 1.0)
+    out[i[good]] = np.abs(1.0 / inv[good] - z[i[good]]) / z[i[good]]
+    return out
 
 
 def _lookup(maps: list[np.ndarray], image: np.ndarray, vu: np.ndarray) -> np.ndarray:
@@ -122,17 +153,13 @@ def build_tracks(rec: Reconstruction, points: tuple[np.ndarray, np.ndarray, np.n
             idx = np.nonzero(ok)[0]
             qu, qv = q[idx, 0], q[idx, 1]
             keep = valid[b][qv, qu]
-            rel = np.abs(rec.depths[b][qv, qu].astype(np.float64) - z[idx]) / z[idx]
+            rel = np.minimum(np.abs(rec.depths[b][qv, qu].astype(np.float64) - z[idx]) / z[idx],
+                             _interp_rel(rec.depths[b], valid[b], uv[idx], z[idx]))
             keep &= rel <= depth_tol
             idx = idx[keep]
             P.append(idx), B.append(np.full(len(idx), b)), V.append(qv[keep]), U.append(qu[keep]), R.append(rel[keep])
     p, b, v, u, r = (np.concatenate(x) for x in (P, B, V, U, R))
-    # one point per pixel: sort by pixel then rank, keep the first
-    key = (b * (1 + max(int(v.max(initial=0)), 0)) + v) * (1 + int(u.max(initial=0))) + u
-    order = np.lexsort((r, key))
-    first = np.ones(len(order), bool)
-    first[1:] = key[order][1:] != key[order][:-1]
-    sel = order[first]
+    sel = np.arange(len(p))
     # by point, source first
     sel = sel[np.lexsort((r[sel], p[sel]))]
     p, b, vu, r = p[sel], b[sel], np.stack([v[sel], u[sel]], -1), r[sel]
