@@ -21,7 +21,9 @@ import tyro
 from dust3r_ns.align import AlignConfig
 from dust3r_ns.export.dataset import export_dataset
 from dust3r_ns.fileio import default_permissions
-from dust3r_ns.pipeline import Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, align, run_pairs
+from dust3r_ns.export.tracks import TracksConfig
+from dust3r_ns.pipeline import Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, run_pairs
+from dust3r_ns.pipeline import Cameras, CamerasConfig, Masks, MasksConfig, align_inputs, refine_tracks
 from dust3r_ns.predictions import PairPredictions
 from dust3r_ns.scene import Reconstruction
 
@@ -46,6 +48,12 @@ class ReconstructConfig:
     """Point cloud of the exports."""
     text: bool = False
     """Write the COLMAP model as text instead of binary."""
+    cameras: Cameras = CamerasConfig()
+    """Known focal / cameras file (fixed in the alignment)."""
+    masks: Masks = MasksConfig()
+    """Photo masks (masks/<stem>.png, 0 = ignore)."""
+    tracks: TracksConfig = TracksConfig()
+    """COLMAP multi-view tracks and optional bundle adjustment."""
 
 
 def predictions_input(images: list[Path]) -> Path | None:
@@ -76,7 +84,9 @@ def run(cfg: ReconstructConfig) -> Reconstruction:
     else:
         preds = run_pairs(cfg.images, cfg.network, cfg.pairs)
     t_net = time.perf_counter() - t0
-    rec = align(preds, cfg.align, cfg.points, cfg.network.device)
+    folder = cfg.images[0] if len(cfg.images) == 1 and cfg.images[0].is_dir() else None
+    rec = align_inputs(preds, cfg.align, cfg.points, cfg.cameras, cfg.masks, cfg.network.device, photo_folder=folder)
+    rec = refine_tracks(rec, cfg.tracks, cfg.points)
     t_align = time.perf_counter() - t0 - t_net
     conf_thr, max_points = cfg.points.conf_thr, cfg.points.max_points
 
@@ -85,7 +95,8 @@ def run(cfg: ReconstructConfig) -> Reconstruction:
     try:
         paths = [Path(im.path) for im in preds.images] if all(im.path for im in preds.images) else None
         export_dataset(rec, tmp / "scene", images=paths, conf_thr=conf_thr, max_points=max_points, text=cfg.text,
-                       shared_camera=cfg.align.shared_focal and len({tuple(s) for s in rec.orig_sizes}) == 1)
+                       shared_camera=cfg.align.shared_focal and len({tuple(s) for s in rec.orig_sizes}) == 1,
+                       masks=rec.meta.get("masks_dir"), depth_tol=cfg.tracks.depth_tol)
         scene = tmp / "scene"
         rec.save(scene / "reconstruction.npz")
         for sub, maps in (("depth", rec.depths), ("conf", rec.confs)):

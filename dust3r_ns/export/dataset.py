@@ -2,6 +2,7 @@
 
 Layout of `out_dir` (export format in brackets):
     images/<name>        upright copies of the original images (when image sources are given)
+    masks/<stem>.png     the photos' masks (when a mask folder is given; transforms.json names them as mask_path)
     sparse/0/            [colmap] COLMAP model (cameras, images, points3D; binary or text)
     sparse_pc.ply        [ply] the point cloud (nerfstudio's `ply_file_path`, 3DGS initialisation)
     transforms.json      [nerfstudio] cameras (`ns-train splatfacto --data out_dir` reads it and the PLY)
@@ -46,6 +47,12 @@ class DatasetOptions:
     """COLMAP: text files instead of binary."""
     shared_camera: bool = False
     """COLMAP: one camera for all images."""
+    depth_tol: float = 0.02
+    """COLMAP: relative depth agreement of the points' multi-view tracks (0: single-image tracks)."""
+    conf_thr: float | None = None
+    """COLMAP tracks: confidence threshold of the observing pixels (None: the reconstruction's)."""
+    masks_subdir: str | None = None
+    """nerfstudio: the folder of the exported masks (each frame's mask_path), None when none were exported."""
 
 
 DatasetWriter = Callable[[Reconstruction, Path, DatasetOptions], Path]
@@ -54,7 +61,7 @@ DatasetWriter = Callable[[Reconstruction, Path, DatasetOptions], Path]
 def write_dataset_colmap(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
     """COLMAP model in `out_dir/sparse/0`."""
     return write_colmap(recon, out_dir / "sparse" / "0", text=opts.text, shared_camera=opts.shared_camera,
-                        points=opts.points)
+                        points=opts.points, depth_tol=opts.depth_tol)
 
 
 def write_dataset_ply(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
@@ -65,7 +72,7 @@ def write_dataset_ply(recon: Reconstruction, out_dir: Path, opts: DatasetOptions
 def write_dataset_nerfstudio(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
     """`out_dir/transforms.json`, referencing the PLY when the "ply" format is written too."""
     return write_transforms_json(recon, out_dir, ply_name=PLY_NAME if "ply" in opts.formats else None,
-                                 write_ply_file=False)
+                                 write_ply_file=False, masks_subdir=opts.masks_subdir)
 
 
 def write_dataset_glb(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
@@ -135,6 +142,21 @@ def copy_images(recon: Reconstruction, sources: str | os.PathLike | Sequence[str
     return out_dir
 
 
+def copy_masks(recon: Reconstruction, masks_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write each image's mask (`masks_dir/<stem>.png`, checked against the original size) to
+    `out_dir/<stem>.png` as an 8-bit one-channel PNG (255 = use, 0 = ignore), as nerfstudio reads masks."""
+    from ..masks import MaskError, mask_file, read_mask, write_mask
+
+    validate_recon(recon)
+    for name, (w, h) in zip(recon.names, np.asarray(recon.orig_sizes)):
+        try:
+            mask = read_mask(mask_file(masks_dir, name), (int(w), int(h)))
+        except MaskError as e:
+            raise ExportError(str(e)) from None
+        write_mask(mask_file(out_dir, name), mask, error=ExportError)
+    return Path(out_dir)
+
+
 def export_dataset(
     recon: Reconstruction,
     out_dir: str | os.PathLike,
@@ -144,12 +166,16 @@ def export_dataset(
     max_points: int | None = None,
     text: bool = False,
     shared_camera: bool = False,
+    masks: str | os.PathLike | None = None,
+    depth_tol: float = 0.02,
 ) -> dict[str, Path]:
     """Export `recon` into `out_dir` (layout in the module docstring); returns {format: path written}.
 
     formats: any of the `WRITERS` keys (`FORMATS`). images: folder or per-image paths of the original images to
     copy into `out_dir/images` (returned as "images"; skipped when None). conf_thr/max_points: point-cloud options
-    passed to `recon.pointcloud` (its defaults when None; max_points=0: no cap).
+    passed to `recon.pointcloud` (its defaults when None; max_points=0: no cap). masks: folder of the photos'
+    masks to write into `out_dir/masks` (returned as "masks"; transforms.json then names them). depth_tol: COLMAP
+    multi-view tracks (`tracks.build_tracks`; 0: single-image tracks).
     """
     validate_recon(recon)
     formats = tuple(formats)
@@ -159,9 +185,12 @@ def export_dataset(
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
     opts = DatasetOptions(points=get_pointcloud(recon, conf_thr, max_points), formats=formats, text=text,
-                          shared_camera=shared_camera)
+                          shared_camera=shared_camera, depth_tol=depth_tol, conf_thr=conf_thr,
+                          masks_subdir="masks" if masks is not None else None)
     if images is not None:
         written["images"] = copy_images(recon, images, out_dir / "images")
+    if masks is not None:
+        written["masks"] = copy_masks(recon, masks, out_dir / "masks")
     for name, write in WRITERS.items():
         if name in opts.formats:
             written[name] = write(recon, out_dir, opts)

@@ -23,7 +23,23 @@ import numpy as np
 from .. import conventions as cv
 from ..scene import Reconstruction
 
-__all__ = ["Tracks", "build_tracks", "project"]
+__all__ = ["Tracks", "TracksConfig", "build_tracks", "project"]
+
+
+@dataclass(frozen=True)
+class TracksConfig:
+    """Multi-view tracks of the COLMAP points and the optional bundle adjustment on them."""
+
+    depth_tol: float = 0.02
+    """Relative depth agreement for a point to count as seen by another image; 0: single-image tracks."""
+    bundle_adjust: bool = False
+    """Refine the poses by bundle adjustment (pycolmap) on the tracks before exporting (all formats)."""
+    refine_focal: bool = False
+    """Bundle adjustment also refines the focal lengths."""
+
+    def __post_init__(self) -> None:
+        if self.depth_tol < 0:
+            raise ValueError(f"--tracks.depth-tol must be >= 0 (0: single-image tracks), got {self.depth_tol}")
 
 
 @dataclass

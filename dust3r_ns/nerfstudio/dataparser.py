@@ -40,8 +40,11 @@ from nerfstudio.plugins.registry_dataparser import DataParserSpecification
 
 from dust3r_ns import conventions as cv
 from dust3r_ns.align import AlignConfig
-from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, align,
+from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig,
                                 default_model_source, resolve_device, run_pairs)
+from dust3r_ns.pipeline import (Cameras, CamerasConfig, Masks, MasksConfig, align_inputs, inputs_fingerprint,
+                                masks_folder)
+from dust3r_ns.masks import mask_file
 from dust3r_ns.nerfstudio.scene_cache import (
     CachedScene,
     SceneError,
@@ -66,6 +69,10 @@ class Dust3rDataParserConfig(DataParserConfig):
     """Global alignment (--align.mode, --align.niter, --align.shared-focal, ...)."""
     points: Points = PointsConfig()
     """Seed points: confidence threshold (also stored with the reconstruction) and point cap."""
+    cameras: Cameras = CamerasConfig()
+    """Known cameras fixed in the alignment (--focal, --cameras, --cameras-fix)."""
+    masks: Masks = MasksConfig()
+    """Photo masks (--masks; default <data>/masks/<stem>.png, 0 = ignore): alignment weights, seed points, loss."""
     cache_dir: Optional[Path] = None
     """Reconstruction cache folder; None = <data>/.dust3r_cache (or ~/.cache/dust3r_ns/nerfstudio if read-only)."""
     use_cache: bool = True
@@ -107,7 +114,18 @@ class Dust3rDataParser(DataParser):
         c = self.config
         align = {k: v for k, v in dataclasses.asdict(c.align).items() if k not in ("device", "memory_limit_bytes")}
         return {"pairs": dataclasses.asdict(c.pairs), "align": align, "conf_thr": c.points.conf_thr,
-                "amp": c.network.amp}
+                "amp": c.network.amp, **self._inputs_options()}
+
+    def _mask_dir(self) -> Optional[Path]:
+        return masks_folder(self.config.masks, [], photo_folder=Path(self.config.data))
+
+    def _inputs_options(self) -> dict:
+        """Known cameras and masks (options and file contents): part of the cache key when used."""
+        c = self.config
+        if c.cameras == CamerasConfig() and self._mask_dir() is None:
+            return {}
+        names = [p.name for p in sorted(Path(c.data).iterdir())] if Path(c.data).is_dir() else []
+        return {"inputs": inputs_fingerprint(c.cameras, self._mask_dir(), names)}
 
     def _build(self, model: str, paths: list[Path]):
         c = self.config
@@ -115,7 +133,8 @@ class Dust3rDataParser(DataParser):
         print(f"dust3r: reconstructing {len(paths)} photos on {network.device} (cached afterwards)", file=sys.stderr)
         preds = run_pairs([str(p) for p in paths], network, c.pairs)
         try:
-            rec = align(preds, c.align, c.points, network.device)
+            rec = align_inputs(preds, c.align, c.points, c.cameras, c.masks, network.device,
+                               photo_folder=Path(c.data))
         except ValueError as e:  # AlignError / ReconstructionError: unusable predictions
             raise SceneError(f"{c.data}: global alignment failed ({e}); the model's predictions for these photos are "
                              "unusable: check --model (the bundled model only knows synthetic scenes), the photos' "
@@ -200,8 +219,10 @@ class Dust3rDataParser(DataParser):
         self.points_src = src
         self.split_photo_indices = idx
         s = float(c.scene_scale)
+        mask_dir = Path(rec.meta["masks_dir"]) if rec.image_masks is not None and "masks_dir" in rec.meta else None
         return DataparserOutputs(
             image_filenames=[scene.image_files[i] for i in idx],
+            mask_filenames=[mask_file(mask_dir, rec.names[i]) for i in idx] if mask_dir is not None else None,
             cameras=cameras,
             scene_box=SceneBox(aabb=torch.tensor([[-s, -s, -s], [s, s, s]], dtype=torch.float32)),
             metadata={
