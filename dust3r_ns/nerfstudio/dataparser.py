@@ -42,8 +42,8 @@ from dust3r_ns import conventions as cv
 from dust3r_ns.align import AlignConfig
 from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig,
                                 default_model_source, resolve_device, run_pairs)
-from dust3r_ns.pipeline import (Cameras, CamerasConfig, Masks, MasksConfig, align_inputs, inputs_fingerprint,
-                                masks_folder)
+from dust3r_ns.pipeline import Cameras as KnownCameras  # (nerfstudio's `Cameras` is the camera batch class)
+from dust3r_ns.pipeline import CamerasConfig, Masks, MasksConfig, align_inputs, inputs_fingerprint, masks_folder
 from dust3r_ns.masks import mask_file
 from dust3r_ns.nerfstudio.scene_cache import (
     CachedScene,
@@ -69,7 +69,7 @@ class Dust3rDataParserConfig(DataParserConfig):
     """Global alignment (--align.mode, --align.niter, --align.shared-focal, ...)."""
     points: Points = PointsConfig()
     """Seed points: confidence threshold (also stored with the reconstruction) and point cap."""
-    cameras: Cameras = CamerasConfig()
+    cameras: KnownCameras = CamerasConfig()
     """Known cameras fixed in the alignment (--focal, --cameras, --cameras-fix)."""
     masks: Masks = MasksConfig()
     """Photo masks (--masks; default <data>/masks/<stem>.png, 0 = ignore): alignment weights, seed points, loss."""
