@@ -288,7 +288,7 @@ def test_alignment_failure_is_explained(tmp_path, monkeypatch):
         raise ValueError("Reconstruction.c2w/K contain non-finite values")
 
     monkeypatch.setattr(dp, "run_pairs", lambda *a, **k: None)
-    monkeypatch.setattr(dp, "align", bad_align)
+    monkeypatch.setattr(dp, "align_inputs", bad_align)
     data = tmp_path / "photos"
     write_photos(data, 2)
     with pytest.raises(SceneError, match="global alignment failed.*non-finite.*check --model"):

@@ -39,8 +39,8 @@ class TracksBenchConfig:
     """Relative depth agreement of an observation."""
     loss: str = "cauchy"
     """Robust loss of the bundle adjustment."""
-    refine_focal: bool = True
-    """Refine focal lengths in the bundle adjustment."""
+    refine_focal: bool = False
+    """Refine focal lengths in the bundle adjustment (as `--tracks.refine-focal`)."""
     json_out: str = ""
     """Optional path for the results as JSON."""
 
