@@ -1,4 +1,4 @@
-"""The `dust3r-ns` command line: `infer`, `reconstruct`, `export`, `train`, `bench {inference,align,model}`.
+"""The `dust3r-ns` command line: `infer`, `reconstruct`, `export`, `train`, `bench {inference,align,model,tracks}`.
 
 Each subcommand is a dataclass config parsed by tyro (every field has a `--flag`) plus a `run(cfg)` function; the
 work itself lives in `pipeline`, `reconstruct`, `export`, `train` and `bench`. Errors that come from bad input
@@ -52,7 +52,7 @@ def run_infer(cfg: InferConfig) -> PairPredictions | None:
 
 COMMANDS = {"infer": (InferConfig, run_infer), "reconstruct": (ReconstructConfig, run_reconstruct),
             "export": (ExportConfig, run_export)}
-BENCHES = ("inference", "align", "model")
+BENCHES = ("inference", "align", "model", "tracks")
 
 
 def _bench(argv: list[str]) -> None:
@@ -62,6 +62,8 @@ def _bench(argv: list[str]) -> None:
         from dust3r_ns.bench.inference import InferenceBenchConfig as Config, run
     elif argv[0] == "align":
         from dust3r_ns.bench.align import AlignBenchConfig as Config, run  # type: ignore[no-redef]
+    elif argv[0] == "tracks":
+        from dust3r_ns.bench.tracks import TracksBenchConfig as Config, run  # type: ignore[no-redef]
     else:
         from dust3r_ns.bench.model_eval import ModelEvalConfig as Config, run  # type: ignore[no-redef]
     run(tyro.cli(Config, args=argv[1:], prog=f"dust3r-ns bench {argv[0]}"))

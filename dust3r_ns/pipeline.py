@@ -2,24 +2,35 @@
 
 The options are declared here once, as small frozen dataclasses that the CLI subcommands, `reconstruct` and the
 nerfstudio dataparser embed: `NetworkConfig` (which checkpoint, where, how), `PairsConfig` (preprocessing size and
-pair graph), `align.AlignConfig` (the aligner) and `PointsConfig` (which points count as the reconstruction's).
+pair graph), `align.AlignConfig` (the aligner), `PointsConfig` (which points count as the reconstruction's),
+`CamerasConfig` (known intrinsics / poses) and `MasksConfig` (per-photo masks).
 The functions below are the steps, each usable alone; `reconstruct_images` chains them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
+import numpy as np
 import torch
 import tyro
 
 from dust3r_ns import distributed
 from dust3r_ns.align import AlignConfig, global_align
-from dust3r_ns.images import View, load_images
+from dust3r_ns import conventions as cv
+from dust3r_ns.export.bundle import bundle_adjust
+from dust3r_ns.export.colmap import read_colmap
+from dust3r_ns.export.nerfstudio_json import read_transforms_json
+from dust3r_ns.export.tracks import TracksConfig, build_tracks
+from dust3r_ns.images import ImageInfo, View, load_images
 from dust3r_ns.inference import inference_graph
+from dust3r_ns.masks import MaskError, mask_file, mask_to_net, read_mask
 from dust3r_ns.model.checkpoint import load_model
 from dust3r_ns.pairs import default_scene_graph
 from dust3r_ns.predictions import STORE_DTYPES, PairPredictions
@@ -156,3 +167,222 @@ def reconstruct_images(images, network: NetworkConfig = NetworkConfig(), pairs: 
     """Photos (or a video clip) -> (pair predictions, reconstruction)."""
     preds = run_pairs(images, network, pairs, verbose, video)
     return preds, align(preds, align_cfg, points, network.device, verbose)
+
+
+# ---------------------------------------------------------------------------------------------- known cameras, masks
+@dataclass(frozen=True)
+class CamerasConfig:
+    """Known cameras, fixed during the alignment (the rest are estimated)."""
+
+    focal: Optional[float] = None
+    """Known focal length in original-image pixels, shared by all photos (principal point at the image centre)."""
+    cameras: Optional[Path] = None
+    """Known cameras matched to the photos by file name: a COLMAP model (folder or one of its files), a nerfstudio
+    transforms.json, or a cameras.json (images, c2w OpenCV camera-to-world, K, width, height)."""
+    cameras_fix: Literal["all", "intrinsics", "poses"] = "all"
+    """What the cameras file fixes: intrinsics and poses, intrinsics only, or poses only (--focal overrides its
+    intrinsics)."""
+
+    def __post_init__(self) -> None:
+        if self.focal is not None and not self.focal > 0:
+            raise ValueError(f"--focal must be a positive focal length in pixels, got {self.focal}")
+
+
+@dataclass(frozen=True)
+class MasksConfig:
+    """Per-photo masks (nerfstudio naming: masks/<photo stem>.png, one channel, 0 = ignore)."""
+
+    masks: Optional[Path] = None
+    """Mask folder; None: a masks/ folder inside the photo folder, or beside it when the photos are in images/."""
+    use_masks: bool = True
+    """Use the masks (False: ignore a masks/ folder): masked pixels get no weight in the alignment and no points."""
+
+
+Cameras = Annotated[CamerasConfig, tyro.conf.OmitArgPrefixes]
+Masks = Annotated[MasksConfig, tyro.conf.OmitArgPrefixes]
+
+
+def read_cameras_file(path: str | Path) -> dict[str, Any]:
+    """Cameras of a COLMAP model, a nerfstudio transforms.json or a cameras.json, in package conventions.
+
+    Returns dict(names list[str] (file names), c2w (N,4,4) OpenCV camera-to-world, K_orig (N,3,3) package pixels,
+    sizes (N,2) (W,H) or None when the file gives none)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--cameras {path}: no such file or folder; pass a COLMAP model folder, a transforms.json "
+                         "or a cameras.json")
+    colmap_dir = path if path.is_dir() else path.parent if path.stem in ("cameras", "images", "points3D") \
+        and path.suffix in (".bin", ".txt") else None
+    if colmap_dir is not None:
+        c = read_colmap(colmap_dir)
+        return dict(names=[Path(n).name for n in c["names"]], c2w=c["c2w"], K_orig=c["K_orig"], sizes=c["sizes"])
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--cameras {path}: not a COLMAP model or a readable JSON file ({e})") from None
+    if isinstance(meta, dict) and "frames" in meta:
+        t = read_transforms_json(path)
+        return dict(names=[Path(n).name for n in t["file_paths"]], c2w=t["c2w"], K_orig=t["K_orig"], sizes=t["sizes"])
+    try:
+        names = [Path(str(n)).name for n in meta["images"]]
+        c2w = np.asarray(meta["c2w"], dtype=np.float64).reshape(len(names), 4, 4)
+        K = np.asarray(meta["K"], dtype=np.float64).reshape(len(names), 3, 3)
+        sizes = None
+        if "width" in meta and "height" in meta:
+            sizes = np.tile([int(meta["width"]), int(meta["height"])], (len(names), 1))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--cameras {path}: a cameras.json needs 'images', 'c2w' (OpenCV camera-to-world 4x4 per "
+                         f"image) and 'K' (3x3 per image) of equal length ({type(e).__name__}: {e})") from None
+    if not (np.isfinite(c2w).all() and np.isfinite(K).all()):
+        raise ValueError(f"--cameras {path}: c2w/K contain non-finite values")
+    return dict(names=names, c2w=c2w, K_orig=K, sizes=sizes)
+
+
+def known_cameras(cfg: CamerasConfig, images: Sequence[ImageInfo]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(known_K (N,3,3) in original-image pixels, known_c2w (N,4,4)) for `global_align`, NaN for unknown images;
+    None when nothing is known. A cameras file's intrinsics are rescaled (about pixel corners) when its image size
+    differs from the photo's by a uniform factor."""
+    n = len(images)
+    K = np.full((n, 3, 3), np.nan)
+    P = np.full((n, 4, 4), np.nan)
+    if cfg.cameras is not None:
+        cams = read_cameras_file(cfg.cameras)
+        index = {name: k for k, name in enumerate(cams["names"])}
+        matched = [(i, index[im.name]) for i, im in enumerate(images) if im.name in index]
+        if not matched:
+            raise ValueError(f"--cameras {cfg.cameras}: none of its {len(index)} images "
+                             f"({', '.join(list(index)[:3])}, ...) is one of the photos ({images[0].name}, ...); "
+                             "the file must name the photos by file name")
+        for i, k in matched:
+            if cfg.cameras_fix in ("all", "poses"):
+                P[i] = cams["c2w"][k]
+            if cfg.cameras_fix in ("all", "intrinsics"):
+                Kk = cams["K_orig"][k]
+                if cams["sizes"] is not None:
+                    (wf, hf), (w, h) = cams["sizes"][k], images[i].orig_size
+                    sx, sy = w / wf, h / hf
+                    if abs(sx / sy - 1) > 0.01:
+                        raise ValueError(f"--cameras {cfg.cameras}: image {images[i].name} is {wf}x{hf} there but "
+                                         f"the photo is {w}x{h} (another aspect ratio); use the file of these photos")
+                    Kk = cv.K_orig_to_net(Kk, np.array([sx, sy, 0.0, 0.0]))   # rescaling about pixel corners
+                K[i] = Kk
+        print(f"{cfg.cameras}: known {cfg.cameras_fix} for {len(matched)} of {n} photos", file=sys.stderr)
+    if cfg.focal is not None:
+        for i, im in enumerate(images):
+            w, h = im.orig_size
+            K[i] = [[cfg.focal, 0, (w - 1) / 2], [0, cfg.focal, (h - 1) / 2], [0, 0, 1]]
+    has_K, has_P = np.isfinite(K).all((1, 2)).any(), np.isfinite(P).all((1, 2)).any()
+    return (K if has_K else None), (P if has_P else None)
+
+
+def masks_folder(cfg: MasksConfig, images: Sequence[ImageInfo], photo_folder: Path | None = None) -> Path | None:
+    """The mask folder: the configured one, else masks/ in the photos' folder (`photo_folder`, default the folder
+    of the images' files) or beside it when that folder is named images; None when masks are off or absent."""
+    if not cfg.use_masks:
+        return None
+    if cfg.masks is not None:
+        if not Path(cfg.masks).is_dir():
+            raise MaskError(f"--masks {cfg.masks}: no such folder; pass the folder of the masks (<photo stem>.png)")
+        return Path(cfg.masks)
+    if photo_folder is None:
+        folders = {Path(im.path).parent for im in images if im.path}
+        if len(folders) != 1 or not all(im.path for im in images):
+            return None
+        photo_folder = folders.pop()
+    for cand in (photo_folder / "masks", photo_folder.parent / "masks" if photo_folder.name == "images" else None):
+        if cand is not None and cand.is_dir():
+            return cand
+    return None
+
+
+def load_masks(folder: Path, images: Sequence[ImageInfo]) -> list[np.ndarray]:
+    """Each photo's mask (`folder/<stem>.png`) at network resolution (bool, True = use)."""
+    out = []
+    for im in images:
+        path = mask_file(folder, im.name)
+        mask = read_mask(path, im.orig_size)
+        try:
+            out.append(mask_to_net(mask, im.transform, im.shape))
+        except MaskError as e:
+            raise MaskError(f"{path}: {e}; the photo's crop transform does not fit its size") from None
+        if not out[-1].any():
+            raise MaskError(f"{path}: the mask leaves no pixel of the network image (after resize and crop); mark "
+                            "more of the photo or drop it")
+    return out
+
+
+def apply_masks(preds: PairPredictions, masks: Sequence[np.ndarray]) -> PairPredictions:
+    """Predictions whose masked pixels have confidence 1 (log-weight 0: no weight in the alignment); point maps
+    are shared, confidences copied."""
+    if len(masks) != preds.n_images:
+        raise MaskError(f"{len(masks)} masks for {preds.n_images} images")
+    m = [torch.as_tensor(np.asarray(x, bool)) for x in masks]
+
+    def masked(confs, side: int):
+        idx = preds.edges[:, side]
+        if preds.uniform:
+            keep = torch.stack([m[int(k)] for k in idx]).to(confs.device)
+            return torch.where(keep, confs, torch.ones((), dtype=confs.dtype, device=confs.device))
+        return [torch.where(m[int(k)].to(c.device), c, torch.ones((), dtype=c.dtype, device=c.device))
+                for k, c in zip(idx, confs)]
+
+    return PairPredictions(images=preds.images, edges=preds.edges, pts1=preds.pts1, pts2=preds.pts2,
+                           conf1=masked(preds.conf1, 0), conf2=masked(preds.conf2, 1))
+
+
+def inputs_fingerprint(cameras: CamerasConfig, mask_dir: Path | None, names: Sequence[str]) -> dict[str, Any]:
+    """What of the known cameras and masks changes a reconstruction (options and file contents), for cache keys."""
+    def digest(p: Path) -> str:
+        h = hashlib.sha256()
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+        return h.hexdigest()
+
+    out: dict[str, Any] = {"focal": cameras.focal, "cameras_fix": cameras.cameras_fix,
+                           "cameras": digest(Path(cameras.cameras)) if cameras.cameras is not None else None}
+    out["masks"] = [digest(mask_file(mask_dir, n)) if mask_file(mask_dir, n).is_file() else None
+                    for n in names] if mask_dir is not None else None
+    return out
+
+
+def align_inputs(preds: PairPredictions, cfg: AlignConfig = AlignConfig(), points: PointsConfig = PointsConfig(),
+                 cameras: CamerasConfig = CamerasConfig(), masks: MasksConfig = MasksConfig(),
+                 device: Optional[str] = None, verbose: bool = True, photo_folder: Path | None = None
+                 ) -> Reconstruction:
+    """`align` with the photos' masks (masked pixels weigh nothing and give no points; stored in the result's
+    `image_masks`, their folder in meta 'masks_dir') and the known cameras fixed (`known_cameras`). photo_folder: where to look for masks/ (default:
+    the folder of the images' files)."""
+    folder = masks_folder(masks, preds.images, photo_folder)
+    image_masks = None
+    if folder is not None:
+        image_masks = load_masks(folder, preds.images)
+        if verbose:
+            print(f"using the masks in {folder} (0 = ignore; --no-use-masks to ignore them)", file=sys.stderr)
+    if image_masks is not None:
+        preds = apply_masks(preds, image_masks)
+    known_K, known_c2w = known_cameras(cameras, preds.images)
+    cfg = cfg.replace(device=cfg.device or resolve_device(device))
+    rec = global_align(preds, cfg, known_K=known_K, K_space="orig", known_c2w=known_c2w, conf_thr=points.conf_thr,
+                       verbose=verbose)
+    if image_masks is None:
+        return rec
+    return dataclasses.replace(rec, image_masks=image_masks, meta=dict(rec.meta, masks_dir=str(Path(folder).resolve())))
+
+
+def refine_tracks(rec: Reconstruction, tracks: TracksConfig = TracksConfig(), points: PointsConfig = PointsConfig(),
+                  verbose: bool = True) -> Reconstruction:
+    """With `tracks.bundle_adjust`: the reconstruction with poses (and focals) refined by bundle adjustment on the
+    multi-view tracks of its point cloud (`export.bundle.bundle_adjust`); else `rec` unchanged."""
+    if not tracks.bundle_adjust:
+        return rec
+    pts = rec.pointcloud(conf_thr=points.conf_thr, max_points=points.max_points or None)
+    tr = build_tracks(rec, pts, conf_thr=points.conf_thr, depth_tol=tracks.depth_tol)
+    refined, report = bundle_adjust(rec, tr, refine_focal=tracks.refine_focal)
+    if verbose:
+        print(f"bundle adjustment on {int(report['points'])} multi-view points: mean reprojection error "
+              f"{report['error_before_px']:.3f} -> {report['error_after_px']:.3f} px, cameras moved "
+              f"{report['center_shift_pct']:.2f}% of their spread, focals {report['focal_change_pct']:.2f}%",
+              file=sys.stderr)
+    return refined

@@ -22,12 +22,14 @@ import tyro
 from dust3r_ns.align import AlignConfig
 from dust3r_ns.export.dataset import export_dataset
 from dust3r_ns import distributed
+from dust3r_ns.export.tracks import TracksConfig
 from dust3r_ns.fileio import recover_dir
 from dust3r_ns.nerfstudio.scene_cache import (Cache, CacheConfig, PhotoInfo, build_reconstruction, cache_dir_for,
                                               inspect_photos, list_images, load_or_build, model_identity,
                                               reconstruction_options)
-from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, Video, align,
-                                default_model_source, run_pairs)
+from dust3r_ns.pipeline import (Cameras, CamerasConfig, Masks, MasksConfig, Network, NetworkConfig, Pairs,
+                                PairsConfig, Points, PointsConfig, Video, align_inputs, default_model_source,
+                                inputs_fingerprint, masks_folder, refine_tracks, run_pairs)
 from dust3r_ns.predictions import PairPredictions
 from dust3r_ns.scene import Reconstruction
 from dust3r_ns.video import VideoConfig, frames_folder, is_video
@@ -57,6 +59,12 @@ class ReconstructConfig:
     """Reconstruction cache shared with the nerfstudio dataparser (--cache-dir, --use-cache)."""
     text: bool = False
     """Write the COLMAP model as text instead of binary."""
+    cameras: Cameras = CamerasConfig()
+    """Known focal / cameras file (fixed in the alignment)."""
+    masks: Masks = MasksConfig()
+    """Photo masks (masks/<stem>.png, 0 = ignore)."""
+    tracks: TracksConfig = TracksConfig()
+    """COLMAP multi-view tracks and optional bundle adjustment."""
 
 
 def predictions_input(images: list[Path]) -> Path | None:
@@ -93,7 +101,7 @@ def run(cfg: ReconstructConfig) -> Reconstruction | None:
     if saved is not None:
         preds = PairPredictions.load(saved)
         print(f"{saved}: {preds.n_images} images, {preds.n_edges} pairs (saved predictions)", file=sys.stderr)
-        rec = align(preds, cfg.align, cfg.points, cfg.network.device)
+        rec = align_inputs(preds, cfg.align, cfg.points, cfg.cameras, cfg.masks, cfg.network.device)
         sources = [Path(im.path) for im in preds.images] if all(im.path for im in preds.images) else None
         rows.append(("pairs", f"{preds.n_edges}"))
         how = "aligned"
@@ -104,7 +112,7 @@ def run(cfg: ReconstructConfig) -> Reconstruction | None:
                           shard_dir=cfg.out.resolve().parent / f".{cfg.out.name}.shards")
         if preds is None:   # another rank: its share is done
             return None
-        rec = align(preds, cfg.align, cfg.points, cfg.network.device)
+        rec = align_inputs(preds, cfg.align, cfg.points, cfg.cameras, cfg.masks, cfg.network.device)
         sources = [Path(im.path) for im in preds.images]
         rows.append(("pairs", f"{preds.n_edges}"))
         how = f"sharded over {distributed.world()[1]} processes"
@@ -113,23 +121,30 @@ def run(cfg: ReconstructConfig) -> Reconstruction | None:
         if len(images) == 1 and is_video(images[0]):
             images = [frames_folder(images[0], cfg.video)]
         photos = photo_list(images)
+        folder = Path(images[0]) if len(images) == 1 and Path(images[0]).is_dir() else Path(photos[0].path).parent
         model = cfg.network.model or default_model_source()
         network = dataclasses.replace(cfg.network, model=model)
-        options = reconstruction_options(network, cfg.pairs, cfg.align, cfg.points)
+        inputs = None
+        if cfg.cameras != CamerasConfig() or masks_folder(cfg.masks, [], folder) is not None:
+            inputs = inputs_fingerprint(cfg.cameras, masks_folder(cfg.masks, [], folder),
+                                        [ph.path.name for ph in photos])
+        options = reconstruction_options(network, cfg.pairs, cfg.align, cfg.points, inputs)
         scene = load_or_build(
             photos, cache_dir_for(photos, cfg.cache), model_identity(model), options,
             lambda paths: build_reconstruction(paths, network, cfg.pairs, cfg.align, cfg.points,
-                                               label=", ".join(str(p) for p in cfg.images)),
+                                               label=", ".join(str(p) for p in cfg.images), cameras=cfg.cameras,
+                                               masks=cfg.masks, photo_folder=folder),
             use_cache=cfg.cache.use_cache)
         rec = scene.rec
         sources = [ph.path for ph in photos]
         how = f"reused {scene.entry}" if scene.hit else f"computed, cached in {scene.entry}"
+    rec = refine_tracks(rec, cfg.tracks, cfg.points)
     t_rec = time.perf_counter() - t0
 
     conf_thr, max_points = cfg.points.conf_thr, cfg.points.max_points
     export_dataset(rec, cfg.out, images=sources, conf_thr=conf_thr, max_points=max_points, text=cfg.text,
                    shared_camera=cfg.align.shared_focal and len({tuple(s) for s in rec.orig_sizes}) == 1,
-                   reconstruction=True, replace=True)
+                   reconstruction=True, replace=True, masks=rec.meta.get("masks_dir"), depth_tol=cfg.tracks.depth_tol)
 
     xyz, _, _ = rec.pointcloud(conf_thr=conf_thr, max_points=max_points or None)
     focal = rec.K_orig[:, 0, 0]

@@ -44,6 +44,8 @@ class Reconstruction:
     (sx, sy, x0, y0) with net = (orig + 0.5) * (sx, sy) - 0.5 - (x0, y0); c2w: (N,4,4) float64 OpenCV camera-to-world;
     K: (N,3,3) float64 intrinsics in network pixels; depths/confs: lists of (H,W) float32; rgbs: list of (H,W,3) uint8.
     meta: free-form scalars (solver mode, loss, timings) saved alongside.
+    image_masks: None, or per image a (H,W) bool mask at network resolution, True = a pixel to use (the photos'
+    masks); masked pixels are left out of `masks()` and so of the point cloud.
     """
 
     names: list[str]
@@ -55,6 +57,7 @@ class Reconstruction:
     confs: list[np.ndarray]
     rgbs: list[np.ndarray]
     meta: dict[str, float | int | str] = field(default_factory=dict)
+    image_masks: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -78,6 +81,14 @@ class Reconstruction:
             if self.confs[k].shape != hw or self.rgbs[k].shape != (*hw, 3):
                 raise ReconstructionError(
                     f"image {k} ({self.names[k]}): depth {hw}, conf {self.confs[k].shape}, rgb {self.rgbs[k].shape} disagree")
+        if self.image_masks is not None:
+            self.image_masks = _as_list(self.image_masks, bool, 2, "image_masks")
+            if len(self.image_masks) != n:
+                raise ReconstructionError(f"Reconstruction.image_masks has {len(self.image_masks)} entries, expected {n}")
+            for k in range(n):
+                if self.image_masks[k].shape != self.depths[k].shape:
+                    raise ReconstructionError(f"image {k} ({self.names[k]}): mask {self.image_masks[k].shape} and depth "
+                                              f"{self.depths[k].shape} disagree")
         if not (np.isfinite(self.c2w).all() and np.isfinite(self.K).all()):
             raise ReconstructionError("Reconstruction.c2w/K contain non-finite values")
 
@@ -108,9 +119,13 @@ class Reconstruction:
         return float(self.meta.get("conf_thr", 3.0))
 
     def masks(self, conf_thr: float | None = None) -> list[np.ndarray]:
-        """Per-image boolean masks of pixels with confidence > conf_thr and a positive finite depth."""
+        """Per-image boolean masks of pixels with confidence > conf_thr and a positive finite depth (and not masked
+        out by `image_masks`)."""
         conf_thr = self.default_conf_thr if conf_thr is None else conf_thr
-        return [(c > conf_thr) & np.isfinite(d) & (d > 0) for c, d in zip(self.confs, self.depths)]
+        out = [(c > conf_thr) & np.isfinite(d) & (d > 0) for c, d in zip(self.confs, self.depths)]
+        if self.image_masks is not None:
+            out = [m & im for m, im in zip(out, self.image_masks)]
+        return out
 
     def points_cam(self, k: int) -> np.ndarray:
         """(H,W,3) float64 points of image k in its own camera frame."""
@@ -186,6 +201,8 @@ class Reconstruction:
             arrays[f"depth_{k}"] = self.depths[k]
             arrays[f"conf_{k}"] = self.confs[k]
             arrays[f"rgb_{k}"] = self.rgbs[k]
+            if self.image_masks is not None:
+                arrays[f"mask_{k}"] = self.image_masks[k]
         with atomic_file(path, "reconstruction file", error=ReconstructionError) as tmp:
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
                 np.savez(f, **arrays)
@@ -215,7 +232,8 @@ class Reconstruction:
                 meta[str(key)] = val[2:] if val.startswith("s:") else _parse_scalar(val)
             rec = cls(names=names, orig_sizes=data["orig_sizes"], transforms=data["transforms"], c2w=data["c2w"],
                       K=data["K"], depths=[data[f"depth_{k}"] for k in range(n)],
-                      confs=[data[f"conf_{k}"] for k in range(n)], rgbs=[data[f"rgb_{k}"] for k in range(n)], meta=meta)
+                      confs=[data[f"conf_{k}"] for k in range(n)], rgbs=[data[f"rgb_{k}"] for k in range(n)], meta=meta,
+                      image_masks=[data[f"mask_{k}"] for k in range(n)] if "mask_0" in data else None)
         except KeyError as e:
             raise ReconstructionError(f"{path}: missing array {e}; the file is truncated or corrupt") from e
         except ReconstructionError as e:

@@ -82,7 +82,7 @@ def project(K: np.ndarray, w2c: np.ndarray, xyz: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("text", [False, True])
 def test_colmap_read_back_poses_cameras_and_reprojection(recon, tmp_path, text):
     out = tmp_path / "sparse" / "0"
-    write_colmap(recon, out, text=text, conf_thr=2.0, max_points=0)
+    write_colmap(recon, out, text=text, conf_thr=2.0, max_points=0, depth_tol=0)   # single-image tracks
     ext = "txt" if text else "bin"
     assert {f.name for f in out.iterdir()} >= {f"cameras.{ext}", f"images.{ext}", f"points3D.{ext}"}
     xyz, rgb, src = recon.pointcloud(conf_thr=2.0, max_points=None)
@@ -357,7 +357,7 @@ def _read_classic_colmap_binary(folder):
 
 def test_colmap_binary_classic_layout(recon, tmp_path):
     """The binary files parse with the classic layout; quaternions match conventions.rotmat_to_qvec_wxyz."""
-    write_colmap(recon, tmp_path / "m", max_points=300)
+    write_colmap(recon, tmp_path / "m", max_points=300, depth_tol=0)   # single-image tracks
     cams, images, points = _read_classic_colmap_binary(tmp_path / "m")
     w2c = cv.c2w_to_w2c(recon.c2w)
     K = cv.K_to_colmap(recon.K_orig)

@@ -289,7 +289,7 @@ def test_alignment_failure_is_explained(tmp_path, monkeypatch):
         raise ValueError("Reconstruction.c2w/K contain non-finite values")
 
     monkeypatch.setattr(pl, "run_pairs", lambda *a, **k: None)
-    monkeypatch.setattr(pl, "align", bad_align)
+    monkeypatch.setattr(pl, "align_inputs", bad_align)
     data = tmp_path / "photos"
     write_photos(data, 2)
     with pytest.raises(SceneError, match="global alignment failed.*non-finite.*check --model"):

@@ -31,6 +31,9 @@ class ExportConfig:
     """Write the COLMAP model as text instead of binary."""
     shared_camera: bool = False
     """One COLMAP camera for all images (needs equal image sizes)."""
+    masks: Optional[Path] = None
+    """Folder of the photos' masks (<stem>.png) written to out/masks; None: the folder the reconstruction used,
+    when it still exists."""
 
 
 def run(cfg: ExportConfig) -> dict[str, Path]:
@@ -38,9 +41,12 @@ def run(cfg: ExportConfig) -> dict[str, Path]:
     from ..scene import Reconstruction
 
     recon = Reconstruction.load(cfg.recon)
+    masks = cfg.masks
+    if masks is None and recon.meta.get("masks_dir") and Path(str(recon.meta["masks_dir"])).is_dir():
+        masks = Path(str(recon.meta["masks_dir"]))
     written = export_dataset(
         recon, cfg.out, formats=cfg.formats, images=cfg.images, conf_thr=cfg.conf_thr,
-        max_points=cfg.max_points, text=cfg.text, shared_camera=cfg.shared_camera,
+        max_points=cfg.max_points, text=cfg.text, shared_camera=cfg.shared_camera, masks=masks,
     )
     for fmt, path in written.items():
         print(f"{fmt}: {path}")

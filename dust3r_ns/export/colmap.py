@@ -4,8 +4,11 @@ Output (binary by default, or text): cameras, images, points3D (+ rigs, frames w
 - Cameras: PINHOLE, in ORIGINAL-image pixels and COLMAP's pixel convention (top-left pixel centre at
   (0.5, 0.5), i.e. cx_colmap = cx_package + 0.5); one camera per image, or one shared camera.
 - Images: poses world-to-camera (cam_from_world), OpenCV axes (= COLMAP's), world frame unchanged.
-- Points3D: each point has a track with one element whose keypoint is the pixel the point came from, mapped to
-  original-image COLMAP coordinates, so it reprojects onto its keypoint (up to float32 rounding of xyz).
+- Points3D: multi-view tracks (`tracks.build_tracks`): a point is observed by its source pixel and by the pixel of
+  every other image whose depth agrees with it (`depth_tol`); the point is the confidence-weighted mean of its
+  observations' back-projected pixels, keypoints are those pixel centres mapped to original-image COLMAP
+  coordinates, and each point's `error` is its mean reprojection error. depth_tol=0: one observation per point
+  (its source pixel) and the point cloud's own coordinates.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from .. import conventions as cv
 from ..scene import Reconstruction
 from ..fileio import atomic_dir
 from ._common import ExportError, check_images, get_pointcloud, intrinsics_orig, validate_recon
+from .tracks import Tracks, build_tracks
 
-__all__ = ["write_colmap", "read_colmap", "COLMAP_FILES"]
+__all__ = ["write_colmap", "read_colmap", "colmap_model", "COLMAP_FILES"]
 
 COLMAP_FILES = tuple(
     f"{stem}.{ext}" for stem in ("cameras", "images", "points3D", "rigs", "frames") for ext in ("bin", "txt")
@@ -43,32 +47,11 @@ def colmap_keypoints(recon: Reconstruction, src: np.ndarray) -> np.ndarray:
     return cv.to_colmap_pixel(cv.pixel_net_to_orig(uv_net, transforms[src[:, 0]]))
 
 
-def write_colmap(
-    recon: Reconstruction,
-    out_dir: str | os.PathLike,
-    images_dir: str | os.PathLike | None = None,
-    text: bool = False,
-    shared_camera: bool = False,
-    conf_thr: float | None = None,
-    max_points: int | None = None,
-    points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-) -> Path:
-    """Write `recon` as a COLMAP sparse model into `out_dir` (e.g. `<dataset>/sparse/0`); returns `out_dir`.
-
-    images_dir: optional folder with the original images; each `recon.names[i]` must be there with size
-      `recon.orig_sizes[i]` as stored (COLMAP ignores EXIF orientation), checked before writing.
-    text: write `.txt` files instead of `.bin`.
-    shared_camera: one camera for all images (intrinsics averaged; needs equal image sizes).
-    conf_thr, max_points: passed to `recon.pointcloud` when given (otherwise its defaults; max_points=0: no cap).
-    points: a precomputed `recon.pointcloud(...)` result (xyz, rgb, src) to use instead.
-    The write is atomic per file (a fresh `out_dir` appears in one step); stale COLMAP files are removed.
-    """
+def colmap_model(recon: Reconstruction, tracks: Tracks, shared_camera: bool = False):
+    """The pycolmap.Reconstruction of `recon` with the points and observations of `tracks` (see the module
+    docstring): PINHOLE cameras in original-image COLMAP pixels, one per image or one shared (intrinsics averaged)."""
     pycolmap = _pycolmap()
     n = validate_recon(recon)
-    if text and any(" " in str(name) for name in recon.names):
-        raise ExportError("write_colmap: COLMAP's text format cannot hold image names with spaces; use text=False")
-    if images_dir is not None:
-        check_images(recon, images_dir)
     sizes = np.asarray(recon.orig_sizes).astype(np.int64)
     K = cv.K_to_colmap(intrinsics_orig(recon))
     if np.any(np.abs(K[:, 0, 1]) > 1e-9 * np.abs(K[:, 0, 0])):
@@ -77,13 +60,11 @@ def write_colmap(
     if np.any(params[:, :2] <= 0):
         raise ExportError("write_colmap: focal lengths must be positive")
     w2c = cv.c2w_to_w2c(np.asarray(recon.c2w, dtype=np.float64))
-    xyz, rgb, src = get_pointcloud(recon, conf_thr, max_points, points)
-    src = src.astype(np.int64)
-    if src.size and (src[:, 0].min() < 0 or src[:, 0].max() >= n):
-        raise ExportError("write_colmap: pointcloud() returned image indices out of range")
-    kps = colmap_keypoints(recon, src)
-    rgb = np.asarray(rgb).astype(np.uint8)
-    xyz = np.asarray(xyz, dtype=np.float64)
+    obs_img = tracks.image
+    kps = colmap_keypoints(recon, np.concatenate([obs_img[:, None], tracks.vu], -1))
+    rgb = np.asarray(tracks.rgb).astype(np.uint8)
+    xyz = np.asarray(tracks.xyz, dtype=np.float64)
+    point_errors = tracks.point_errors
 
     rec = pycolmap.Reconstruction()
     if shared_camera:
@@ -94,12 +75,12 @@ def write_colmap(
             params=params.mean(axis=0).tolist(), camera_id=1,
         )
         rec.add_camera_with_trivial_rig(cam)
-    # Per image: keypoints in point order; point index within the image = rank among its points.
-    order = np.argsort(src[:, 0], kind="stable")
-    counts = np.bincount(src[:, 0], minlength=n)
+    # Per image: keypoints in observation order; point2D index within the image = rank among its observations.
+    order = np.argsort(obs_img, kind="stable")
+    counts = np.bincount(obs_img, minlength=n)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    point2d_idx = np.empty(len(src), np.int64)
-    point2d_idx[order] = np.arange(len(src)) - np.repeat(starts, counts)
+    point2d_idx = np.empty(len(obs_img), np.int64)
+    point2d_idx[order] = np.arange(len(obs_img)) - np.repeat(starts, counts)
     for i in range(n):
         cam_id = 1 if shared_camera else i + 1
         if not shared_camera:
@@ -114,16 +95,61 @@ def write_colmap(
             camera_id=cam_id, image_id=i + 1,
         )
         rec.add_image_with_trivial_frame(img, pycolmap.Rigid3d(np.ascontiguousarray(w2c[i, :3, :4])))
+    bounds = np.searchsorted(tracks.point, np.arange(len(xyz) + 1))   # observations are sorted by point
     for k in range(len(xyz)):
-        track = pycolmap.Track([pycolmap.TrackElement(int(src[k, 0]) + 1, int(point2d_idx[k]))])
-        rec.add_point3D(xyz[k], track, rgb[k])
+        a, b = bounds[k], bounds[k + 1]
+        track = pycolmap.Track([pycolmap.TrackElement(int(obs_img[o]) + 1, int(point2d_idx[o])) for o in range(a, b)])
+        pid = rec.add_point3D(xyz[k], track, rgb[k])
+        rec.point3D(pid).error = float(point_errors[k])
 
+    return rec
+
+
+def write_colmap(
+    recon: Reconstruction,
+    out_dir: str | os.PathLike,
+    images_dir: str | os.PathLike | None = None,
+    text: bool = False,
+    shared_camera: bool = False,
+    conf_thr: float | None = None,
+    max_points: int | None = None,
+    points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    depth_tol: float = 0.02,
+    tracks: Tracks | None = None,
+) -> Path:
+    """Write `recon` as a COLMAP sparse model into `out_dir` (e.g. `<dataset>/sparse/0`); returns `out_dir`.
+
+    images_dir: optional folder with the original images; each `recon.names[i]` must be there with size
+      `recon.orig_sizes[i]` as stored (COLMAP ignores EXIF orientation), checked before writing.
+    text: write `.txt` files instead of `.bin`.
+    shared_camera: one camera for all images (intrinsics averaged; needs equal image sizes).
+    conf_thr, max_points: passed to `recon.pointcloud` when given (otherwise its defaults; max_points=0: no cap).
+    points: a precomputed `recon.pointcloud(...)` result (xyz, rgb, src) to use instead.
+    depth_tol: relative depth agreement of a track's observations (`tracks.build_tracks`); 0: single-image tracks.
+    tracks: precomputed `build_tracks` result to write instead (then conf_thr/max_points/points/depth_tol unused).
+    The write is atomic per file (a fresh `out_dir` appears in one step); stale COLMAP files are removed.
+    """
+    n = validate_recon(recon)
+    if text and any(" " in str(name) for name in recon.names):
+        raise ExportError("write_colmap: COLMAP's text format cannot hold image names with spaces; use text=False")
+    if images_dir is not None:
+        check_images(recon, images_dir)
+    if tracks is None:
+        xyz, rgb, src = get_pointcloud(recon, conf_thr, max_points, points)
+        src = np.asarray(src).astype(np.int64)
+        if src.size and (src[:, 0].min() < 0 or src[:, 0].max() >= n):
+            raise ExportError("write_colmap: pointcloud() returned image indices out of range")
+        try:
+            tracks = build_tracks(recon, (xyz, rgb, src), conf_thr=conf_thr, depth_tol=depth_tol)
+        except ValueError as e:
+            raise ExportError(f"write_colmap: {e}") from None
+    rec = colmap_model(recon, tracks, shared_camera)
     with atomic_dir(out_dir, COLMAP_FILES, "COLMAP model", error=ExportError) as tmp:
         if text:
             rec.write_text(str(tmp))
         else:
             rec.write(str(tmp))
-        _check_written(tmp, rec, pycolmap, Path(out_dir))
+        _check_written(tmp, rec, _pycolmap(), Path(out_dir))
     return Path(out_dir)
 
 

@@ -4,6 +4,7 @@ Layout of `out_dir` (export format in brackets):
     images/<name>        the images as the reconstruction saw them, 8-bit RGB, upright (when image sources are
                          given): an upright 8-bit RGB JPEG/PNG byte for byte, any other file as `<name>.png`
     images_2/, _4/, _8/  the same images downscaled (nerfstudio's naming and floor rounding, Lanczos)
+    masks/<stem>.png     the photos' masks (when a mask folder is given; transforms.json names them as mask_path)
     sparse/0/            [colmap] COLMAP model (cameras, images, points3D; binary or text)
     sparse_pc.ply        [ply] the point cloud (nerfstudio's `ply_file_path`, 3DGS initialisation)
     transforms.json      [nerfstudio] cameras (`ns-train splatfacto --data out_dir` reads it and the PLY)
@@ -53,6 +54,12 @@ class DatasetOptions:
     """COLMAP: text files instead of binary."""
     shared_camera: bool = False
     """COLMAP: one camera for all images."""
+    depth_tol: float = 0.02
+    """COLMAP: relative depth agreement of the points' multi-view tracks (0: single-image tracks)."""
+    conf_thr: float | None = None
+    """COLMAP tracks: confidence threshold of the observing pixels (None: the reconstruction's)."""
+    masks_subdir: str | None = None
+    """nerfstudio: the folder of the exported masks (each frame's mask_path), None when none were exported."""
 
 
 DatasetWriter = Callable[[Reconstruction, Path, DatasetOptions], Path]
@@ -61,7 +68,7 @@ DatasetWriter = Callable[[Reconstruction, Path, DatasetOptions], Path]
 def write_dataset_colmap(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
     """COLMAP model in `out_dir/sparse/0`."""
     return write_colmap(recon, out_dir / "sparse" / "0", text=opts.text, shared_camera=opts.shared_camera,
-                        points=opts.points)
+                        points=opts.points, depth_tol=opts.depth_tol)
 
 
 def write_dataset_ply(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
@@ -72,7 +79,7 @@ def write_dataset_ply(recon: Reconstruction, out_dir: Path, opts: DatasetOptions
 def write_dataset_nerfstudio(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
     """`out_dir/transforms.json`, referencing the PLY when the "ply" format is written too."""
     return write_transforms_json(recon, out_dir, ply_name=PLY_NAME if "ply" in opts.formats else None,
-                                 write_ply_file=False)
+                                 write_ply_file=False, masks_subdir=opts.masks_subdir)
 
 
 def write_dataset_glb(recon: Reconstruction, out_dir: Path, opts: DatasetOptions) -> Path:
@@ -154,6 +161,21 @@ def _save_reconstruction(recon: Reconstruction, out_dir: Path) -> None:
             np.save(out_dir / sub / f"{Path(name).stem}.npy", m)
 
 
+def copy_masks(recon: Reconstruction, masks_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write each image's mask (`masks_dir/<stem>.png`, checked against the original size) to
+    `out_dir/<stem>.png` as an 8-bit one-channel PNG (255 = use, 0 = ignore), as nerfstudio reads masks."""
+    from ..masks import MaskError, mask_file, read_mask, write_mask
+
+    validate_recon(recon)
+    for name, (w, h) in zip(recon.names, np.asarray(recon.orig_sizes)):
+        try:
+            mask = read_mask(mask_file(masks_dir, name), (int(w), int(h)))
+        except MaskError as e:
+            raise ExportError(str(e)) from None
+        write_mask(mask_file(out_dir, name), mask, error=ExportError)
+    return Path(out_dir)
+
+
 def export_dataset(
     recon: Reconstruction,
     out_dir: str | os.PathLike,
@@ -166,6 +188,8 @@ def export_dataset(
     downscales: Sequence[int] = imgs.DOWNSCALES,
     reconstruction: bool = False,
     replace: bool = False,
+    masks: str | os.PathLike | None = None,
+    depth_tol: float = 0.02,
 ) -> dict[str, Path]:
     """Export `recon` into `out_dir` (layout in the module docstring) in one step; returns {format: path written}.
 
@@ -175,7 +199,9 @@ def export_dataset(
     no cap). reconstruction: also save the reconstruction, depth and confidence maps (returned as
     "reconstruction"). An existing `out_dir` keeps the files this export does not write (a written folder such
     as `images/` or `sparse/0/` replaces the old one), or none of them with `replace=True`. Any failure, a full
-    disk included, raises ExportError and leaves `out_dir` as it was.
+    disk included, raises ExportError and leaves `out_dir` as it was. masks: folder of the photos' masks to write
+    into `out_dir/masks` (returned as "masks"; transforms.json then names them). depth_tol: COLMAP multi-view
+    tracks (`tracks.build_tracks`; 0: single-image tracks).
     """
     validate_recon(recon)
     formats = tuple(formats)
@@ -185,7 +211,8 @@ def export_dataset(
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
     opts = DatasetOptions(points=get_pointcloud(recon, conf_thr, max_points), formats=formats, text=text,
-                          shared_camera=shared_camera)
+                          shared_camera=shared_camera, depth_tol=depth_tol, conf_thr=conf_thr,
+                          masks_subdir="masks" if masks is not None else None)
     managed: list[str] = ["sparse/0"] if "colmap" in formats else []
     try:
         with atomic_dir(out_dir, managed, "dataset", error=ExportError, replace=replace) as tmp:
@@ -196,6 +223,9 @@ def export_dataset(
                 written["images"] = tmp / "images"
                 if names != list(recon.names):
                     ds = dataclasses.replace(recon, names=names)
+            if masks is not None:
+                written["masks"] = copy_masks(recon, masks, tmp / "masks")
+                managed += ["masks"]
             for name, write in WRITERS.items():
                 if name in opts.formats:
                     written[name] = write(ds, tmp, opts)
@@ -207,6 +237,7 @@ def export_dataset(
     except OSError as e:
         raise ExportError(f"writing the dataset {out_dir} failed ({e}); it was left as it was: free disk space or "
                           "choose another output folder") from e
+
     def final(path: Path) -> Path:  # where a path inside the temporary folder ended up
         path = Path(path)
         return out_dir / path.relative_to(tmp_dir) if path.is_relative_to(tmp_dir) else path

@@ -37,12 +37,14 @@ def write_transforms_json(
     check_images_exist: bool = False,
     points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     write_ply_file: bool = True,
+    masks_subdir: str | None = None,
 ) -> Path:
     """Write `out_dir/transforms.json` (and `out_dir/<ply_name>` unless None); returns the JSON path.
 
     conf_thr, max_points: passed to `recon.pointcloud` when given (max_points=0: no cap); or `points`, a
     precomputed (xyz, rgb, src) from it. write_ply_file=False: only reference `ply_name` (already written).
     check_images_exist: verify that `out_dir/<images_subdir>/<name>` exist with the original sizes.
+    masks_subdir: name each frame's mask `<masks_subdir>/<stem>.png` (`mask_path`, nerfstudio's naming).
     """
     n = validate_recon(recon)
     out_dir = Path(out_dir)
@@ -66,6 +68,8 @@ def write_transforms_json(
                 "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
             }
         )
+        if masks_subdir is not None:
+            frames[-1]["mask_path"] = f"{masks_subdir}/{Path(recon.names[i]).stem}.png"
     meta: dict[str, Any] = {"camera_model": "OPENCV", "frames": frames}
     if ply_name is not None:
         if write_ply_file:

@@ -44,7 +44,9 @@ from nerfstudio.plugins.registry_dataparser import DataParserSpecification
 from dust3r_ns import conventions as cv
 from dust3r_ns.align import AlignConfig
 from dust3r_ns.images import auto_downscale, downscale_size
-from dust3r_ns.pipeline import Network, NetworkConfig, Pairs, PairsConfig, Points, PointsConfig, default_model_source
+from dust3r_ns.pipeline import Cameras as KnownCameras  # (nerfstudio's `Cameras` is the camera batch class)
+from dust3r_ns.pipeline import (CamerasConfig, Masks, MasksConfig, Network, NetworkConfig, Pairs, PairsConfig, Points,
+                                PointsConfig, default_model_source, inputs_fingerprint, masks_folder)
 from dust3r_ns.nerfstudio.scene_cache import (
     Cache,
     CacheConfig,
@@ -53,6 +55,7 @@ from dust3r_ns.nerfstudio.scene_cache import (
     build_reconstruction,
     cache_dir_for,
     downscaled_files,
+    downscaled_masks,
     find_reconstruction,
     list_images,
     load_or_build,
@@ -77,6 +80,10 @@ class Dust3rDataParserConfig(DataParserConfig):
     """Global alignment (--align.mode, --align.niter, --align.shared-focal, ...)."""
     points: Points = PointsConfig()
     """Seed points: confidence threshold (also stored with the reconstruction) and point cap."""
+    cameras: KnownCameras = CamerasConfig()
+    """Known cameras fixed in the alignment (--focal, --cameras, --cameras-fix)."""
+    masks: Masks = MasksConfig()
+    """Photo masks (--masks; default <data>/masks/<stem>.png, 0 = ignore): alignment weights, seed points, loss."""
     cache: Cache = CacheConfig()
     """Reconstruction cache shared with dust3r-ns reconstruct (--cache-dir, --use-cache)."""
     downscale_factor: Optional[int] = None
@@ -113,10 +120,21 @@ class Dust3rDataParser(DataParser):
         """Photo indices of the last split returned."""
 
     # ------------------------------------------------------------------ reconstruction
+    def _mask_dir(self) -> Optional[Path]:
+        return masks_folder(self.config.masks, [], photo_folder=Path(self.config.data))
+
+    def _inputs_options(self) -> Optional[dict]:
+        """Known cameras and masks (options and file contents): part of the cache key when used."""
+        c = self.config
+        if c.cameras == CamerasConfig() and self._mask_dir() is None:
+            return None
+        names = [p.name for p in sorted(Path(c.data).iterdir())] if Path(c.data).is_dir() else []
+        return inputs_fingerprint(c.cameras, self._mask_dir(), names)
+
     def _build(self, model: str, paths: list[Path]):
         c = self.config
         return build_reconstruction(paths, dataclasses.replace(c.network, model=model), c.pairs, c.align, c.points,
-                                    label=str(c.data))
+                                    label=str(c.data), cameras=c.cameras, masks=c.masks, photo_folder=Path(c.data))
 
     def get_scene(self) -> CachedScene:
         """The reconstruction of `data`: a saved one, or the (cached) one of the photo folder; once per parser."""
@@ -128,7 +146,7 @@ class Dust3rDataParser(DataParser):
                 return self.scene
             photos = list_images(Path(c.data))
             model = c.network.model or default_model_source()
-            options = reconstruction_options(c.network, c.pairs, c.align, c.points)
+            options = reconstruction_options(c.network, c.pairs, c.align, c.points, self._inputs_options())
             self.scene = load_or_build(photos, cache_dir_for(photos, c.cache), model_identity(model), options,
                                        lambda paths: self._build(model, paths), use_cache=c.cache.use_cache)
         return self.scene
@@ -208,8 +226,11 @@ class Dust3rDataParser(DataParser):
         self.points_src = src
         self.split_photo_indices = idx
         s = float(c.scene_scale)
+        mask_dir = Path(rec.meta["masks_dir"]) if rec.image_masks is not None and "masks_dir" in rec.meta else None
+        masks = downscaled_masks(scene, mask_dir, factor) if mask_dir is not None else None
         return DataparserOutputs(
             image_filenames=[files[i] for i in idx],
+            mask_filenames=[masks[i] for i in idx] if masks is not None else None,
             cameras=cameras,
             scene_box=SceneBox(aabb=torch.tensor([[-s, -s, -s], [s, s, s]], dtype=torch.float32)),
             metadata={

@@ -155,23 +155,30 @@ def model_identity(model: str) -> str:
     return f"hub:{model}"
 
 
-def reconstruction_options(network, pairs, align, points) -> dict[str, Any]:
-    """The options that change the reconstruction (part of the cache key; device and memory budget are not)."""
+def reconstruction_options(network, pairs, align, points, inputs: Optional[dict] = None) -> dict[str, Any]:
+    """The options that change the reconstruction (part of the cache key; device and memory budget are not);
+    `inputs`: the fingerprint of known cameras and masks when used (`pipeline.inputs_fingerprint`)."""
     al = {k: v for k, v in dataclasses.asdict(align).items() if k not in ("device", "memory_limit_bytes")}
-    return {"pairs": dataclasses.asdict(pairs), "align": al, "conf_thr": points.conf_thr, "amp": network.amp}
+    out = {"pairs": dataclasses.asdict(pairs), "align": al, "conf_thr": points.conf_thr, "amp": network.amp}
+    if inputs:
+        out["inputs"] = inputs
+    return out
 
 
-def build_reconstruction(paths: Sequence[Path], network, pairs, align_cfg, points, label: str = ""):
-    """Pair inference + global alignment of `paths` (in order); SceneError when the alignment fails."""
+def build_reconstruction(paths: Sequence[Path], network, pairs, align_cfg, points, label: str = "", cameras=None,
+                         masks=None, photo_folder: Optional[Path] = None):
+    """Pair inference + global alignment of `paths` (in order), with known `cameras` and photo `masks`
+    (`pipeline.align_inputs`; masks looked for in `photo_folder`); SceneError when the alignment fails."""
     import torch
 
-    from dust3r_ns.pipeline import align, resolve_device, run_pairs
+    from dust3r_ns.pipeline import CamerasConfig, MasksConfig, align_inputs, resolve_device, run_pairs
 
     network = dataclasses.replace(network, device=resolve_device(network.device))
     print(f"dust3r: reconstructing {len(paths)} photos on {network.device} (cached afterwards)", file=sys.stderr)
     preds = run_pairs([str(p) for p in paths], network, pairs)
     try:
-        rec = align(preds, align_cfg, points, network.device)
+        rec = align_inputs(preds, align_cfg, points, cameras or CamerasConfig(), masks or MasksConfig(),
+                           network.device, photo_folder=photo_folder)
     except ValueError as e:  # AlignError / ReconstructionError: unusable predictions
         raise SceneError(f"{label or 'photos'}: global alignment failed ({e}); the model's predictions for these "
                          "photos are unusable: check --model (the bundled model only knows synthetic scenes), the "
@@ -358,6 +365,32 @@ def _downscales_valid(files: Sequence[Path], sizes: Sequence[tuple[int, int]]) -
     except Exception:  # missing or unreadable: rewrite
         return False
     return True
+
+
+def downscaled_masks(scene: CachedScene, mask_dir: Path, factor: int) -> list[Path]:
+    """The photos' masks (`<mask_dir>/<stem>.png`) at the size of their `images_<factor>` (nearest neighbour,
+    written once into `<entry>/masks_<factor>/`), so nerfstudio loads mask and image of equal size."""
+    from PIL import Image
+
+    from dust3r_ns.masks import mask_file
+
+    full = [mask_file(mask_dir, name) for name in scene.rec.names]
+    if factor == 1:
+        return full
+    folder = scene.entry / f"masks_{factor}"
+    files = [folder / f.name for f in full]
+    sizes = [downscale_size(tuple(s), factor) for s in np.asarray(scene.rec.orig_sizes)]
+    if _downscales_valid(files, sizes):
+        return files
+    try:
+        with fileio.atomic_dir(folder, what="downscaled masks", error=SceneError, replace=True) as tmp:
+            for src, size in zip(full, sizes):
+                with Image.open(src) as im:
+                    im.convert("L").resize(size, Image.NEAREST).save(tmp / src.name, format="PNG")
+    except OSError as e:
+        raise SceneError(f"cannot write {folder} ({e}); make it writable, free disk space or pass "
+                         "--downscale-factor 1") from e
+    return files
 
 
 def downscaled_files(scene: CachedScene, factor: int) -> list[Path]:
