@@ -248,6 +248,8 @@ def test_dataparser_uses_masks_and_known_cameras(tmp_path, monkeypatch):
     """The `dust3r` dataparser with photos/masks/: masked alignment, nerfstudio mask_filenames, cache key."""
     pytest.importorskip("nerfstudio")
     import dust3r_ns.nerfstudio.dataparser as dp
+    import dust3r_ns.pipeline as pipeline
+    from dust3r_ns.nerfstudio.scene_cache import CacheConfig
 
     preds, gt = toy(5)
     data = tmp_path / "photos"
@@ -258,13 +260,14 @@ def test_dataparser_uses_masks_and_known_cameras(tmp_path, monkeypatch):
         m[:, :16] = False
         save_mask(data / "masks" / (im.name.rsplit(".", 1)[0] + ".png"), m)
     calls = []
-    monkeypatch.setattr(dp, "run_pairs", lambda *a, **k: calls.append(1) or preds)
+    monkeypatch.setattr(pipeline, "run_pairs", lambda *a, **k: calls.append(1) or preds)
     js = tmp_path / "cams.json"
     _cameras_json(js, preds, gt)
 
     def parser(**kw):
         return dp.Dust3rDataParserConfig(data=data, network=NetworkConfig(model=str(tmp_path / "m.pth")),
-                                         cache_dir=tmp_path / "cache", eval_mode="all", **kw).setup()
+                                         cache=CacheConfig(cache_dir=tmp_path / "cache"), eval_mode="all",
+                                         **kw).setup()
 
     p = parser(cameras=CamerasConfig(cameras=js))
     out = p.get_dataparser_outputs("train")
