@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .fileio import atomic_file
+from .fileio import open_npz, save_npz
 
 FORMAT_KIND = "dust3r_ns.Reconstruction"
 FORMAT_VERSION = 1
@@ -185,12 +185,8 @@ class Reconstruction:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one `.npz` atomically (`fileio.atomic_file`: temporary file in the same folder, then replaced)."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise ReconstructionError(f"{path}: reconstruction files must end in .npz")
+        """Write one versioned `.npz` atomically (`fileio.save_npz`)."""
         arrays: dict[str, np.ndarray] = {
-            "format_kind": np.array(FORMAT_KIND), "format_version": np.array(FORMAT_VERSION),
             "names": np.array(self.names, dtype=np.str_), "orig_sizes": self.orig_sizes,
             "transforms": self.transforms, "c2w": self.c2w, "K": self.K,
             "meta_keys": np.array(list(self.meta.keys()), dtype=np.str_),
@@ -203,27 +199,15 @@ class Reconstruction:
             arrays[f"rgb_{k}"] = self.rgbs[k]
             if self.image_masks is not None:
                 arrays[f"mask_{k}"] = self.image_masks[k]
-        with atomic_file(path, "reconstruction file", error=ReconstructionError) as tmp:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-                np.savez(f, **arrays)
-        return path
+        return save_npz(path, arrays, FORMAT_KIND, FORMAT_VERSION, "reconstruction", ReconstructionError)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Reconstruction":
         """Read and validate a file written by `save`."""
         path = Path(path)
-        if not path.is_file():
-            raise ReconstructionError(f"{path}: no such reconstruction file")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except Exception as e:  # zip/format errors
-            raise ReconstructionError(f"{path}: not a readable .npz reconstruction ({e}); re-run the alignment") from e
-        if str(data.get("format_kind", "")) != FORMAT_KIND:
-            raise ReconstructionError(f"{path}: not a dust3r_ns reconstruction file (missing format_kind)")
-        version = int(data["format_version"])
-        if version != FORMAT_VERSION:
-            raise ReconstructionError(f"{path}: format version {version} unsupported (this build reads {FORMAT_VERSION})")
+        with open_npz(path, FORMAT_KIND, FORMAT_VERSION, "reconstruction", "re-run the reconstruction",
+                      ReconstructionError) as z:
+            data = {k: z[k] for k in z.files}
         try:
             names = [str(s) for s in data["names"].tolist()]
             n = len(names)
