@@ -46,7 +46,7 @@ def run_infer(cfg: InferConfig) -> PairPredictions:
 
 COMMANDS = {"infer": (InferConfig, run_infer), "reconstruct": (ReconstructConfig, run_reconstruct),
             "export": (ExportConfig, run_export)}
-BENCHES = ("inference", "align", "model")
+BENCHES = ("inference", "align", "model", "robust")
 
 
 def _bench(argv: list[str]) -> None:
@@ -56,6 +56,8 @@ def _bench(argv: list[str]) -> None:
         from dust3r_ns.bench.inference import InferenceBenchConfig as Config, run
     elif argv[0] == "align":
         from dust3r_ns.bench.align import AlignBenchConfig as Config, run  # type: ignore[no-redef]
+    elif argv[0] == "robust":
+        from dust3r_ns.bench.robust import RobustBenchConfig as Config, run  # type: ignore[no-redef]
     else:
         from dust3r_ns.bench.model_eval import ModelEvalConfig as Config, run  # type: ignore[no-redef]
     run(tyro.cli(Config, args=argv[1:], prog=f"dust3r-ns bench {argv[0]}"))
