@@ -7,6 +7,7 @@ work itself lives in `pipeline`, `reconstruct`, `export`, `train` and `bench`. E
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from dataclasses import dataclass
@@ -52,21 +53,18 @@ def run_infer(cfg: InferConfig) -> PairPredictions | None:
 
 COMMANDS = {"infer": (InferConfig, run_infer), "reconstruct": (ReconstructConfig, run_reconstruct),
             "export": (ExportConfig, run_export)}
-BENCHES = ("inference", "align", "model", "tracks")
+# `dust3r-ns bench NAME`: module of dust3r_ns.bench and its config class (imported only when that bench runs)
+BENCHES = {"inference": "InferenceBenchConfig", "align": "AlignBenchConfig", "model": "ModelEvalConfig",
+           "tracks": "TracksBenchConfig", "robust": "RobustBenchConfig"}
+BENCH_MODULES = {"model": "model_eval"}
 
 
 def _bench(argv: list[str]) -> None:
     if not argv or argv[0] not in BENCHES:
         raise SystemExit(f"usage: dust3r-ns bench {{{'|'.join(BENCHES)}}} [--help]")
-    if argv[0] == "inference":
-        from dust3r_ns.bench.inference import InferenceBenchConfig as Config, run
-    elif argv[0] == "align":
-        from dust3r_ns.bench.align import AlignBenchConfig as Config, run  # type: ignore[no-redef]
-    elif argv[0] == "tracks":
-        from dust3r_ns.bench.tracks import TracksBenchConfig as Config, run  # type: ignore[no-redef]
-    else:
-        from dust3r_ns.bench.model_eval import ModelEvalConfig as Config, run  # type: ignore[no-redef]
-    run(tyro.cli(Config, args=argv[1:], prog=f"dust3r-ns bench {argv[0]}"))
+    module = importlib.import_module(f"dust3r_ns.bench.{BENCH_MODULES.get(argv[0], argv[0])}")
+    config = getattr(module, BENCHES[argv[0]])
+    module.run(tyro.cli(config, args=argv[1:], prog=f"dust3r-ns bench {argv[0]}"))
 
 
 def main(argv: list[str] | None = None) -> int:

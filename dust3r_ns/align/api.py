@@ -19,6 +19,7 @@ from .edges import fit_edges
 from .fast import POLISH_ITER, auto_stride, solve_fast
 from .init import mst_init
 from .problem import Constraints, State, apply_known_poses, objective, sub_depth
+from .robust import detect_outliers, drop_edges, misfit_outliers
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -155,13 +156,31 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     # shrinking the scene, so it is capped by `metric_iter`, and runs without the joint step, whose per-image depth
     # scales would follow that drift)
     free = dataclasses.replace(cons, pose_mask=None, known_c2w=None)
+    # wrong pairs: rejected by consensus over the pose graph before the solve (their weights zeroed)
+    rob = cfg.robust
+    robust = rob.enabled and N > 2
+    rejected = np.zeros(data.n_edges, bool)
+    if robust:
+        rejected, _report = detect_outliers(coarse, rob)
+        drop_edges([data, coarse], rejected)
     st = mst_init(data, free if (mode == "fast" and N > 2) else cons, verbose, coarse=coarse,
                   global_step=mode == "fast" and cfg.global_step)
     stats: dict[str, Any] = dict(iterations=0)
     if N > 2:
         if mode == "fast":
-            stats = solve_fast(data, st, free, max_iter=100 if niter is None else niter, tol=cfg.tol, coarse=coarse,
-                               verbose=verbose, polish_iter=0 if cons.pose_mask is not None else POLISH_ITER)
+            fast_opts = dict(max_iter=100 if niter is None else niter, tol=cfg.tol, coarse=coarse, verbose=verbose,
+                             polish_iter=0 if cons.pose_mask is not None else POLISH_ITER)
+            stats = solve_fast(data, st, free, **fast_opts)
+            for _ in range(rob.rounds if robust else 0):
+                # and by misfit after it: edges that the solution cannot explain are dropped, the solve resumed
+                new = misfit_outliers(coarse, st, rejected, rob.misfit_factor, sub_depth(st.depth, coarse.stride))
+                if not new.any():
+                    break
+                rejected |= new
+                drop_edges([data, coarse], new)
+                more = solve_fast(data, st, free, **fast_opts)
+                stats["iterations"] += more["iterations"]
+                stats["polish_iterations"] = stats.get("polish_iterations", 0) + more["polish_iterations"]
             if cons.pose_mask is not None:
                 apply_known_poses(st, cons)
                 fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride))
@@ -182,7 +201,8 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
                     polish_iterations=int(stats.get("polish_iterations", 0)),
                     converged=int(bool(stats.get("converged", True))),
                     seconds=float(time.perf_counter() - t0),
-                    conf_thr=float(conf_thr))
+                    conf_thr=float(conf_thr), edges_rejected=int(rejected.sum()),
+                    rejected_edges=",".join(str(k) for k in np.nonzero(rejected)[0]))
     return rec
 
 

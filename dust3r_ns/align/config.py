@@ -14,6 +14,33 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 @dataclass(frozen=True)
+class RobustConfig:
+    """Wrong pairs (outlier edges): found by consensus over the pose graph before the solve and by misfit after it,
+    and dropped (`dust3r_ns.align.robust`)."""
+
+    enabled: bool = True
+    """Detect and drop outlier edges (the graph stays connected and every image keeps an edge of its own)."""
+    inlier_deg: float = 15.0
+    """Consensus: an edge supports a rotation hypothesis when its relative rotation is within this (degrees)."""
+    reject_deg: float = 10.0
+    """Smallest rotation residual (degrees) at which an edge is rejected."""
+    reject_factor: float = 4.0
+    """Reject edges whose rotation residual exceeds this times the weighted median residual (if above reject_deg)."""
+    scale_tol: float = 0.5
+    """Reject edges whose relative log-scale disagrees with the consensus by more than this."""
+    hypotheses: int = 32
+    """Spanning-tree hypotheses of the consensus search."""
+    gamma: float = 4.0
+    """Consensus weight of an edge: (pair confidence score / median score) ** gamma."""
+    misfit_factor: float = 4.0
+    """After the solve: edges whose misfit exceeds this times the median misfit are dropped and the solve rerun."""
+    rounds: int = 1
+    """Misfit rounds after the solve (0: consensus only)."""
+    seed: int = 0
+    """Seed of the perturbed spanning trees (results are deterministic)."""
+
+
+@dataclass(frozen=True)
 class AlignConfig:
     """How pairwise predictions are aligned into one reconstruction."""
 
@@ -41,6 +68,8 @@ class AlignConfig:
     """Fast mode: start from rotation/scale/translation averaging over all edges (else the spanning tree alone)."""
     memory_limit_bytes: Optional[int] = None
     """Memory budget for the estimate check; None: the device's available memory."""
+    robust: RobustConfig = RobustConfig()
+    """Outlier-edge handling (more than two images)."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -52,6 +81,8 @@ class AlignConfig:
         unknown = sorted(set(options) - names)
         if unknown:
             raise TypeError(f"unknown alignment option(s) {unknown}; AlignConfig has {sorted(names)}")
+        if isinstance(options.get("robust"), bool):
+            options["robust"] = dataclasses.replace(self.robust, enabled=options["robust"])
         dtype = options.get("dtype")
         if isinstance(dtype, torch.dtype):
             by_value = {v: k for k, v in DTYPES.items()}

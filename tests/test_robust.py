@@ -1,0 +1,108 @@
+"""Outlier edges in global alignment (`dust3r_ns.align.robust`): structured wrong pairs are found and dropped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dust3r_ns.align import AlignConfig, global_align
+from dust3r_ns.align.robust import (chain_rotations, consensus_rotations, keep_structure, reject_edges,
+                                    rotation_residuals, spanning_tree)
+from dust3r_ns.bench.robust import edge_rotation_errors, inject_gross_edges, render_orbit
+from dust3r_ns.geometry import so3_exp
+from dust3r_ns.metrics import pose_metrics
+from dust3r_ns.pairs import graph_edges
+from dust3r_ns.predictions import PairPredictions
+from dust3r_ns import synth
+
+
+def test_spanning_tree_is_maximum_weight_and_skips_self_edges():
+    i = np.array([0, 1, 0, 2, 1])
+    j = np.array([1, 2, 2, 2, 0])
+    w = np.array([1.0, 5.0, 3.0, 9.0, 0.5])
+    tree = spanning_tree(3, i, j, w)
+    assert sorted(tree) == [1, 2]                       # (1,2) w5 and (0,2) w3; the self-edge (2,2) is skipped
+
+
+def test_keep_structure_never_disconnects_or_orphans_an_image():
+    edges = np.array([(0, 1), (1, 0), (1, 2), (2, 1), (0, 2), (2, 0)])
+    keep = keep_structure(3, edges, [0, 1, 2, 3, 4, 5])
+    kept = edges[keep]
+    assert set(kept[:, 0].tolist()) == {0, 1, 2}          # every image still a first view
+    assert len(kept) < len(edges)                         # but redundant edges did go
+
+
+def _ring_rotations(n: int, step_deg: float) -> torch.Tensor:
+    ax = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    return torch.stack([so3_exp(ax * np.radians(step_deg * k)) for k in range(n)])
+
+
+def test_consensus_rotations_reject_structured_mutually_consistent_outliers():
+    # an arc of 16 cameras, cyclic window graph: the wrap-around pairs (the long ones) all claim the two ends of
+    # the arc are 5 deg apart (mutually consistent, both directions) and are a bit less confident
+    n = 16
+    Rg = _ring_rotations(n, 8.0)
+    e = np.array(graph_edges(n, "swin-2", symmetrize=True))
+    i, j = e[:, 0], e[:, 1]
+    rng = np.random.default_rng(0)
+    noise = so3_exp(torch.from_numpy(rng.normal(0, np.radians(1.0), (len(e), 3))))
+    Rrel = Rg[i].transpose(1, 2) @ Rg[j] @ noise
+    wrap = np.abs(i - j) > 2
+    # the wrong world: a closed ring of 8 deg steps (cyclic index offset d = j - i mod n, in -n/2..n/2)
+    d = (j - i + n // 2) % n - n // 2
+    ax = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    fake = so3_exp(ax[None] * torch.from_numpy(np.radians(8.0 * d))[:, None])
+    Rrel[wrap] = fake[wrap]
+    w = torch.from_numpy(np.where(wrap, 0.8, 1.0))
+    keep, rep = reject_edges(n, e, Rrel, torch.ones(len(e), dtype=torch.float64), w)
+    assert not keep[wrap].any()                            # every wrong pair dropped
+    assert keep[~wrap].mean() > 0.9                        # and hardly any right one
+    R, r = consensus_rotations(n, i, j, Rrel, w, 15.0, 8)
+    good = torch.rad2deg(rotation_residuals(R, i, j, Rrel))[torch.from_numpy(~wrap)]
+    assert float(good.max()) < 5.0
+
+
+def test_chain_rotations_follow_the_tree():
+    Rg = _ring_rotations(4, 20.0)
+    i, j = np.array([0, 1, 2]), np.array([1, 2, 3])
+    R = chain_rotations(4, i, j, Rg[i].transpose(1, 2) @ Rg[j], [0, 1, 2])
+    assert torch.allclose(R, Rg[0:1].transpose(1, 2) @ Rg, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def orbit_case():
+    n, H, W = 12, 24, 32
+    views, c2w, _ = render_orbit(n, H, W, "wide", 0)
+    edges = graph_edges(n, "logwin-3", symmetrize=True)
+    out = synth.oracle_pairs(views, edges, seed=0)
+    preds = PairPredictions.from_reference(out, n_images=n)
+    gt = dict(c2w=c2w, K=np.stack([v["K"] for v in views]), depth=np.stack([v["depth"] for v in views]),
+              valid=np.stack([v["valid"] for v in views]))
+    return preds, gt
+
+
+def test_injected_structured_gross_edges_are_gross_and_paired(orbit_case):
+    preds, gt = orbit_case
+    bad, mask = inject_gross_edges(preds, gt, 0.2, seed=0)
+    err = edge_rotation_errors(bad, gt)
+    assert mask.sum() == 2 * round(0.2 * preds.n_edges / 2)          # both directions of 20% of the pairs
+    assert (err[mask] > 45).all() and (err[~mask] < 10).all()
+    pairs = {(int(a), int(b)) for a, b in preds.edges[mask]}
+    assert all((b, a) in pairs for a, b in pairs)
+
+
+def test_alignment_drops_structured_gross_edges_and_keeps_the_clean_accuracy(orbit_case):
+    preds, gt = orbit_case
+    bad, mask = inject_gross_edges(preds, gt, 0.2, seed=0)
+    clean = global_align(preds, verbose=False)
+    assert clean.meta["edges_rejected"] <= 0.05 * preds.n_edges
+    rob = global_align(bad, verbose=False)
+    plain = global_align(bad, AlignConfig().replace(robust=False), verbose=False)
+    ate = {k: pose_metrics(r.c2w, gt["c2w"])["ate_pct"] for k, r in (("clean", clean), ("rob", rob), ("plain", plain))}
+    rejected = np.array([int(k) for k in rob.meta["rejected_edges"].split(",") if k])
+    assert rob.meta["edges_rejected"] == len(rejected)
+    assert mask[rejected].sum() == mask.sum()                        # every gross edge rejected
+    assert ate["rob"] <= 1.5 * ate["clean"]
+    assert ate["plain"] > 3 * ate["clean"]                           # without it the wrong pairs drag the solve
+    assert pose_metrics(rob.c2w, gt["c2w"])["rra_max_deg"] < 5.0
