@@ -41,7 +41,7 @@ from dust3r_ns.predictions import PairPredictions
 class RobustBenchConfig:
     n: list[int] = field(default_factory=lambda: [48])
     """Frame counts of the network cases (0 or an empty list: none)."""
-    graphs: list[str] = field(default_factory=lambda: ["default", "swin-3"])
+    graphs: list[str] = field(default_factory=lambda: ["default", "logwin-5", "swin-3"])
     """Scene graphs of the network cases ('default': `default_scene_graph(N)`)."""
     size: int = 224
     """Network input size (frames are rendered at size x size)."""
@@ -59,8 +59,8 @@ class RobustBenchConfig:
     """Frames of the oracle case (0: skip)."""
     oracle_size: str = "96x128"
     """Size HxW of the oracle case."""
-    oracle_graph: str = "default"
-    """Scene graph of the oracle case ('default': `default_scene_graph(N)`)."""
+    oracle_graph: str = "logwin-5"
+    """Scene graph of the oracle case (oracle predictions have no encoder features: not a retrieval graph)."""
     gross_frac: float = 0.2
     """Share of the oracle case's unordered pairs made gross by `inject_gross_edges`."""
     gross_deg: float = 45.0
@@ -99,9 +99,8 @@ def _gt_of(views: list[dict]) -> dict:
 def network_case(cfg: RobustBenchConfig, n: int, graph: str) -> tuple[PairPredictions, dict]:
     """The network predictions and ground truth of one case, from the cache or computed (and cached)."""
     from dust3r_ns.images import make_view
-    from dust3r_ns.inference import inference
+    from dust3r_ns.inference import inference_graph
     from dust3r_ns.model.checkpoint import load_model
-    from dust3r_ns.pairs import make_pairs
     from dust3r_ns.pipeline import default_model_source
 
     source = cfg.model or default_model_source()
@@ -122,7 +121,7 @@ def network_case(cfg: RobustBenchConfig, n: int, graph: str) -> tuple[PairPredic
     t1 = time.perf_counter()
     net = load_model(source)
     vs = [make_view(k, rgb=v["rgb"]) for k, v in enumerate(views)]
-    preds = inference(make_pairs(vs, graph), net, device="cpu", batch_size=16, verbose=False)
+    preds = inference_graph(vs, net, graph, device="cpu", batch_size=16, verbose=False)
     preds.save(pred_path)
     print(f"  rendered {n} frames in {t1 - t0:.1f}s, {preds.n_edges} pairs through the network in "
           f"{time.perf_counter() - t1:.1f}s (cached in {root})", flush=True)
