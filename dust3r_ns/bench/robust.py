@@ -1,8 +1,8 @@
 """`dust3r-ns bench robust`: global alignment against wrong pairs, on network and on oracle predictions.
 
 Network case: N frames on an orbit arc (`synth.camera_path`, 'wide' = 120 deg) rendered at the network size, the
-bundled model (or `--model`) run by the pair engine on a scene graph (default: `pairs.default_scene_graph(N)`,
-logwin-5 for N = 48), the `PairPredictions` and the ground truth cached on disk so reruns skip rendering and the
+bundled model (or `--model`) run by the pair engine on scene graphs ('default': `pairs.default_scene_graph(N)`, a
+retrieval graph for N > 12; logwin-5 and swin-3), the `PairPredictions` and the ground truth cached on disk so reruns skip rendering and the
 network. Per edge e = (i, j) the relative rotation the pair predicts is read from its two point maps by weighted
 Procrustes fits of the ground-truth camera-frame points (pts1 ~ A_i X_i^cam, pts2 ~ A_j X_j^cam; relative rotation
 R_i^T R_j of the two fits) and compared with the truth; the median of these errors is the reference of the target
