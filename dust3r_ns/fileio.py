@@ -12,8 +12,11 @@ import contextlib
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 
 class OutputError(ValueError):
@@ -90,6 +93,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], what: s
     with atomic_file(path, what, error) as tmp:
         write(tmp)
     return Path(path)
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], what: str = "file",
+              error: type[Exception] = OutputError) -> Path:
+    """Write `arrays` as one uncompressed `.npz` (what `np.load` reads; no pickled objects) atomically
+    (`atomic_write`). The zip archive is closed on every path: a failed write (a full disk) raises one error, where
+    `np.savez` leaves its archive open and its finaliser later prints a second traceback."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, value in arrays.items():
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
+
+    return atomic_write(path, write, what, error)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-from dust3r_ns.fileio import atomic_write
+from dust3r_ns.fileio import write_npz
 from dust3r_ns.images import ImageInfo, normalize
 
 FORMAT_KIND = "dust3r_ns.PairPredictions"
@@ -226,12 +226,7 @@ class PairPredictions:
             else:
                 for e, m in enumerate(maps):
                     arrays[f"{key}_{e}"] = m.detach().cpu().numpy()
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        return atomic_write(path, write, "pair predictions", PredictionsError)
+        return write_npz(path, arrays, "pair predictions", PredictionsError)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PairPredictions":

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .fileio import atomic_file
+from .fileio import write_npz
 
 FORMAT_KIND = "dust3r_ns.Reconstruction"
 FORMAT_VERSION = 1
@@ -170,7 +170,7 @@ class Reconstruction:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one `.npz` atomically (`fileio.atomic_file`: temporary file in the same folder, then replaced)."""
+        """Write one `.npz` atomically (`fileio.write_npz`: temporary file in the same folder, then replaced)."""
         path = Path(path)
         if path.suffix != ".npz":
             raise ReconstructionError(f"{path}: reconstruction files must end in .npz")
@@ -186,10 +186,7 @@ class Reconstruction:
             arrays[f"depth_{k}"] = self.depths[k]
             arrays[f"conf_{k}"] = self.confs[k]
             arrays[f"rgb_{k}"] = self.rgbs[k]
-        with atomic_file(path, "reconstruction file", error=ReconstructionError) as tmp:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-                np.savez(f, **arrays)
-        return path
+        return write_npz(path, arrays, "reconstruction file", ReconstructionError)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Reconstruction":

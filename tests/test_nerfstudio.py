@@ -662,6 +662,28 @@ def test_ns_cycle_train_eval_export_resume(tmp_path, fake_build):
     assert means2.shape == means.shape and (means2 - means).abs().max() < 0.05 and not torch.equal(means2, means)
 
 
+def test_nerfstudio_data_parser_loads_exported_points(tmp_path):
+    """`ns-train splatfacto --data EXPORT/` reads transforms.json and its PLY through nerfstudio's own parser, which
+    imports open3d for the points (needs the Debian library libusb-1.0-0 that README's setup installs)."""
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from dust3r_ns.export.dataset import export_dataset
+
+    rec = fake_reconstruction([f"img_{i:02d}.png" for i in range(3)])
+    photos = tmp_path / "photos"
+    write_photos(photos, 3)
+    export_dataset(rec, tmp_path / "scene", formats=("ply", "nerfstudio"), images=photos, conf_thr=1.5,
+                   max_points=200)
+    out = NerfstudioDataParserConfig(data=tmp_path / "scene", load_3D_points=True,
+                                     eval_mode="all").setup().get_dataparser_outputs("train")
+    xyz, rgb = out.metadata["points3D_xyz"], out.metadata["points3D_rgb"]
+    header = (tmp_path / "scene" / "sparse_pc.ply").read_bytes().split(b"end_header")[0].decode()
+    n_ply = int(next(h for h in header.splitlines() if h.startswith("element vertex")).split()[-1])
+    assert 100 <= n_ply <= 200 and xyz.shape == (n_ply, 3)
+    assert rgb.dtype == torch.uint8 and torch.isfinite(xyz).all()
+    assert len(out.image_filenames) == 3 and (out.cameras.width == ORIG_W).all()
+
+
 @pytest.mark.slow
 def test_ns_train_cpu_from_cached_reconstruction(tmp_path, fake_build):
     """ns-train on CPU with the reconstruction taken from the cache (isolates the nerfstudio side from the
