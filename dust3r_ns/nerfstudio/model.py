@@ -113,7 +113,7 @@ class Dust3rSplatfactoModel(SplatfactoModel):
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
         """splatfacto's load (resizes every Gaussian parameter to the checkpoint's count), then the loaded values
-        are moved into the original `Parameter` objects: the optimizers that `ns-train --load-dir` built before
+        are moved into the original `Parameter` objects: the optimizers that a resumed run (`--load-dir`) built before
         loading hold those objects, and would otherwise step orphans while the loaded Gaussians never change."""
         kept = dict(self.gauss_params.items())
         result = super().load_state_dict(state_dict, **kwargs)

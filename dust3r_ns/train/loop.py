@@ -267,7 +267,11 @@ class ScalarLog:
 
         _quiet_tensorboard_threads()
         self.folder = folder
-        self._writer = SummaryWriter(str(folder))
+        self._writer = None
+        try:
+            self._writer = SummaryWriter(str(folder))
+        except Exception as exc:  # the writer thread can fail while the constructor still writes
+            raise self._error(exc) from None
 
     def _error(self, exc: Exception) -> OSError:
         return OSError(f"tensorboard log {self.folder}: {exc}; free space there or pass --no-tensorboard")
