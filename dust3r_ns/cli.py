@@ -1,8 +1,10 @@
 """The `dust3r-ns` command line: `infer`, `reconstruct`, `export`, `train`, `bench {inference,align,model,tracks}`.
 
 Each subcommand is a dataclass config parsed by tyro (every field has a `--flag`) plus a `run(cfg)` function; the
-work itself lives in `pipeline`, `reconstruct`, `export`, `train` and `bench`. Errors that come from bad input
-(files, options) are printed as one line and exit with status 2.
+work itself lives in `pipeline`, `reconstruct`, `export`, `train` and `bench`. `parse(argv)` only parses (tests
+parse every documented command line with it); `check(name, cfg)` then refuses, before anything is computed, what
+would fail later (devices this machine lacks, image names that cannot be exported, unwritable outputs). Errors
+that come from bad input (files, options) are printed as one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tyro
 
 from dust3r_ns.export.cli import ExportConfig, run as run_export
-from dust3r_ns.pipeline import Network, NetworkConfig, Pairs, PairsConfig, Video, run_pairs
+from dust3r_ns.fileio import writable_parent
+from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Video, check_device, check_image_names,
+                                run_pairs)
 from dust3r_ns.predictions import PairPredictions
-from dust3r_ns.reconstruct import ReconstructConfig, run as run_reconstruct
+from dust3r_ns.reconstruct import ReconstructConfig, predictions_input, run as run_reconstruct
 from dust3r_ns.video import VideoConfig
 
 
@@ -59,12 +64,44 @@ BENCHES = {"inference": "InferenceBenchConfig", "align": "AlignBenchConfig", "mo
 BENCH_MODULES = {"model": "model_eval"}
 
 
-def _bench(argv: list[str]) -> None:
+def _bench_config(argv: list[str]) -> tuple[Any, Any]:
+    """(config class, run function) of `dust3r-ns bench NAME`."""
     if not argv or argv[0] not in BENCHES:
         raise SystemExit(f"usage: dust3r-ns bench {{{'|'.join(BENCHES)}}} [--help]")
     module = importlib.import_module(f"dust3r_ns.bench.{BENCH_MODULES.get(argv[0], argv[0])}")
-    config = getattr(module, BENCHES[argv[0]])
-    module.run(tyro.cli(config, args=argv[1:], prog=f"dust3r-ns bench {argv[0]}"))
+    return getattr(module, BENCHES[argv[0]]), module.run
+
+
+def parse(argv: list[str]) -> tuple[str, Any]:
+    """(command, config) of a `dust3r-ns` command line (argv without the program name); runs nothing. Bad flags
+    exit with status 2 and tyro's message; an unknown command raises ValueError."""
+    name, rest = argv[0], argv[1:]
+    if name == "bench":
+        Config, _ = _bench_config(rest)
+        return name, tyro.cli(Config, args=rest[1:], prog=f"dust3r-ns bench {rest[0]}")
+    if name == "train":  # presets (--preset NAME) are applied before the command-line fields
+        from dust3r_ns.train.loop import make_config
+
+        return name, make_config(rest)
+    if name in COMMANDS:
+        return name, tyro.cli(COMMANDS[name][0], args=rest, prog=f"dust3r-ns {name}")
+    raise ValueError(f"unknown command {name!r}")
+
+
+def check(name: str, cfg: Any) -> None:
+    """Refuse (ValueError, one line) what would only fail after the network or the alignment ran."""
+    if name in ("infer", "reconstruct"):
+        check_device(cfg.network.device, "--device")
+        if name == "reconstruct":
+            check_device(cfg.align.device, "--align.device")
+        if name == "infer" or predictions_input(cfg.images) is None:
+            check_image_names(cfg.images)
+    if name == "infer":
+        if cfg.out.suffix != ".npz":
+            raise ValueError(f"--out {cfg.out}: pair predictions are saved as .npz; name the file e.g. pairs.npz")
+        writable_parent(cfg.out, "pair predictions")
+    if name == "train" and cfg.device != "auto":
+        check_device(cfg.device, "--device")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,20 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
+    name = argv[0]
+    if name not in COMMANDS and name not in ("train", "bench"):
+        print(f"dust3r-ns: unknown command {name!r}; {usage}", file=sys.stderr)
+        return 2
     try:
+        name, cfg = parse(argv)
+        check(name, cfg)
         if name == "bench":
-            _bench(rest)
-        elif name == "train":  # presets (--preset NAME) are applied before the command-line fields
+            _bench_config(argv[1:])[1](cfg)
+        elif name == "train":
             from dust3r_ns.train.loop import main as train_main
 
-            train_main(rest)
-        elif name in COMMANDS:
-            cfg_cls, fn = COMMANDS[name]
-            fn(tyro.cli(cfg_cls, args=rest, prog=f"dust3r-ns {name}"))
+            train_main(cfg)
         else:
-            print(f"dust3r-ns: unknown command {name!r}; {usage}", file=sys.stderr)
-            return 2
+            COMMANDS[name][1](cfg)
     except (ValueError, OSError) as e:
         print(f"dust3r-ns {name}: error: {e}", file=sys.stderr)
         return 2

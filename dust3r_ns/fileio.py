@@ -23,8 +23,11 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
 
 STALE_AFTER_S = 10.0
 """A temporary file/folder that nobody locks and that was not modified for this long belongs to a killed writer."""
@@ -299,6 +302,21 @@ def _sync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], what: str = "file",
+              error: type[Exception] = OutputError) -> Path:
+    """Write `arrays` as one uncompressed `.npz` (what `np.load` reads; no pickled objects) atomically
+    (`atomic_write`). The zip archive is closed on every path: a failed write (a full disk) raises one error, where
+    `np.savez` leaves its archive open and its finaliser later prints a second traceback."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, value in arrays.items():
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
+
+    return atomic_write(path, write, what, error)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, managed_names: Sequence[str] = (), what: str = "folder",
                error: type[Exception] = OutputError, replace: bool = False) -> Iterator[Path]:
@@ -345,18 +363,11 @@ def atomic_dir(out_dir: str | os.PathLike, managed_names: Sequence[str] = (), wh
 def save_npz(path: str | os.PathLike, arrays: dict, kind: str, version: int, what: str,
              error: type[Exception] = OutputError) -> Path:
     """Write `arrays` as one versioned `.npz` (`format_kind`, `format_version` added) atomically."""
-    import numpy as np
-
     path = Path(path)
     if path.suffix != ".npz":
         raise error(f"{path}: {what} files must end in .npz")
     tagged = {"format_kind": np.array(kind), "format_version": np.array(version), **arrays}
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **tagged)
-
-    return atomic_write(path, write, what, error)
+    return write_npz(path, tagged, what, error)
 
 
 @contextlib.contextmanager
@@ -365,10 +376,6 @@ def open_npz(path: str | os.PathLike, kind: str, version: int, what: str, fix: s
     """Open a `.npz` written by `save_npz` with `kind` and a version up to `version`; every problem (missing,
     unreadable, another kind, newer version, a missing array while reading) raises `error` naming the file, the
     problem and `fix`."""
-    import zipfile
-
-    import numpy as np
-
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such {what} file; {fix}")

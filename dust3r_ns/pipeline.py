@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from dust3r_ns.export.bundle import bundle_adjust
 from dust3r_ns.export.colmap import read_colmap
 from dust3r_ns.export.nerfstudio_json import read_transforms_json
 from dust3r_ns.export.tracks import TracksConfig, build_tracks
-from dust3r_ns.images import ImageInfo, View, load_images
+from dust3r_ns.images import ImageInfo, View, list_images, load_images
 from dust3r_ns.inference import inference_graph
 from dust3r_ns.masks import MaskError, mask_file, mask_to_net, read_mask
 from dust3r_ns.model.checkpoint import load_model
@@ -79,6 +80,8 @@ class PointsConfig:
     def __post_init__(self) -> None:
         if self.max_points < 0:
             raise ValueError(f"max_points must be >= 0 (0 = no cap), got {self.max_points}")
+        if not math.isfinite(self.conf_thr):
+            raise ValueError(f"conf_thr must be a finite number (confidences are >= 1), got {self.conf_thr}")
 
 
 # Embedded in command configs: network, pair and point options keep their short flags (--model, --size, ...);
@@ -89,6 +92,12 @@ Points = Annotated[PointsConfig, tyro.conf.OmitArgPrefixes]
 Video = Annotated[VideoConfig, tyro.conf.OmitArgPrefixes]
 
 
+REAL_MODEL = "naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt"
+REAL_MODEL_CLI = f"dust3r-ns reconstruct photos/ --model {REAL_MODEL}"
+"""The command lines the bundled-model note shows (tests/test_docs.py parses them)."""
+REAL_MODEL_NS = f"ns-train dust3r-splatfacto --data photos/ dust3r --model {REAL_MODEL}"
+
+
 def default_model_source() -> str:
     """The bundled model (trained on synthetic scenes only), with a note saying so."""
     found = sorted(p for p in DEFAULT_WEIGHTS.glob("*") if (p / "config.json").exists())
@@ -97,13 +106,62 @@ def default_model_source() -> str:
                          "Face folder (config.json + model.safetensors) or a hub name such as "
                          "naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt")
     print(f"note: using the bundled model {found[0].name}: it only knows synthetic scenes; for real photos pass "
-          "--model naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt (or a downloaded .pth / HF folder)", file=sys.stderr)
+          f"an official checkpoint (a hub name, a downloaded .pth or a Hugging Face folder), e.g. `{REAL_MODEL_CLI}` "
+          f"or `{REAL_MODEL_NS}`", file=sys.stderr)
     return str(found[0])
 
 
-def resolve_device(device: Optional[str]) -> str:
-    """The device to use: as given, or cuda when available, else cpu."""
+def check_device(device: Optional[str], flag: str = "--device") -> None:
+    """Refuse a device this machine cannot run (ValueError naming `flag`): unknown names, CUDA without a usable GPU,
+    a CUDA index past the GPU count, MPS where it is absent. None (automatic choice) always passes."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{flag} {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: no CUDA GPU is available to torch here; pass {flag} cpu or leave "
+                             f"{flag} out (automatic: cuda when available, else cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); choose one of them")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{flag} {device}: MPS is not available here; pass {flag} cpu or leave {flag} out")
+    elif dev.type != "cpu":
+        raise ValueError(f"{flag} {device}: unsupported device type {dev.type!r}; use cpu, cuda or cuda:N")
+
+
+def resolve_device(device: Optional[str], flag: str = "--device") -> str:
+    """The device to use: as given (checked by `check_device`), or cuda when available, else cpu."""
+    check_device(device, flag)
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+BAD_NAME_CHARS = {chr(c) for c in range(32)} | {chr(127)}
+"""Characters no exported file name may hold: control characters (a newline or tab splits COLMAP's `images.txt`
+records; transforms.json and the cache manifest would carry them into paths)."""
+
+
+def image_files(images: Sequence[str | Path] | str | Path) -> list[Path]:
+    """The image files the pipeline will read: the listed files, or the images of one folder (by extension)."""
+    if isinstance(images, (str, Path)):
+        images = [images]
+    images = [Path(p) for p in images]
+    return list_images(images[0]) if len(images) == 1 and images[0].is_dir() else images
+
+
+def check_image_names(images: Sequence[str | Path] | str | Path) -> list[Path]:
+    """Refuse, before any computation, image files whose names cannot be exported (control characters such as
+    a newline); returns the files (see `image_files`)."""
+    files = image_files(images)
+    for f in files:
+        if BAD_NAME_CHARS & set(f.name):
+            raise ValueError(f"{f.parent / repr(f.name)[1:-1]}: the file name holds a control character "
+                             f"({repr(f.name)}), which COLMAP and transforms.json cannot store; rename the file")
+    return files
 
 
 def image_size_of(net: torch.nn.Module) -> int:
@@ -134,6 +192,7 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
     Under torchrun (WORLD_SIZE > 1) the pairs are sharded over the ranks (`distributed.sharded_inference`, shards
     in `shard_dir`, default `.dust3r_shards` in the working folder): rank 0 returns the predictions, the others
     None."""
+    check_image_names(images)
     rank, size = distributed.world()
     device = distributed.rank_device(resolve_device(network.device))
     net = load_model(network.model or default_model_source(), device=device)
@@ -156,8 +215,23 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
 def align(preds: PairPredictions, cfg: AlignConfig = AlignConfig(), points: PointsConfig = PointsConfig(),
           device: Optional[str] = None, verbose: bool = True) -> Reconstruction:
     """Global alignment of the predictions; the aligner's device defaults to `device` (the network's)."""
+    check_device(cfg.device, "--align.device")
     cfg = cfg.replace(device=cfg.device or resolve_device(device))
-    return global_align(preds, cfg, conf_thr=points.conf_thr, verbose=verbose)
+    rec = global_align(preds, cfg, conf_thr=points.conf_thr, verbose=verbose)
+    warn_empty_points(rec, points.conf_thr)
+    return rec
+
+
+def warn_empty_points(rec: Reconstruction, conf_thr: float) -> int:
+    """Print a warning on stderr when no pixel of `rec` has confidence above `conf_thr` (the point cloud would be
+    empty); returns the number of such pixels."""
+    kept = sum(int(m.sum()) for m in rec.masks(conf_thr))
+    if kept == 0:
+        top = max((float(c.max()) for c in rec.confs if c.size), default=float("nan"))
+        print(f"warning: no reconstructed pixel has confidence above --conf-thr {conf_thr:g} (the highest is "
+              f"{top:.3g}): the point cloud is empty; lower --conf-thr (cameras and depth maps are kept)",
+              file=sys.stderr)
+    return kept
 
 
 def reconstruct_images(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConfig = PairsConfig(),

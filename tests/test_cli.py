@@ -93,3 +93,161 @@ def test_missing_model_is_one_line(photos, tmp_path, capsys):
 def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "dust3r_ns.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "reconstruct" in res.stdout and "bench" in res.stdout
+
+
+# ---------------------------------------------------------------- validated before anything is computed
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Fail the test if the network is loaded or the alignment starts."""
+    import dust3r_ns.pipeline as P
+
+    def boom(*a, **k):
+        raise AssertionError("computation started before the input was validated")
+
+    monkeypatch.setattr(P, "load_network", boom)
+    monkeypatch.setattr(P, "global_align", boom)
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dust3r-ns {command}: error:"), err
+    return err[0]
+
+
+def test_control_character_in_file_name_refused_up_front(photos, tmp_path, capsys, no_compute):
+    Image.new("RGB", (80, 60)).save(photos / "bad\nname.png")
+    assert main(["reconstruct", str(photos), "--out", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys, "reconstruct")
+    assert "bad\\nname.png" in line and "rename" in line and not (tmp_path / "out").exists()
+    assert main(["infer", str(photos / "p0.png"), str(photos / "bad\nname.png")]) == 2
+    assert "control character" in _one_error_line(capsys, "infer")
+
+
+@pytest.mark.parametrize("flag", ["--device", "--align.device", "--align-device"])
+def test_unavailable_device_refused_up_front(photos, tmp_path, capsys, no_compute, flag):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert main(["reconstruct", str(photos), "--out", str(tmp_path / "out"), flag, "cuda"]) == 2
+    line = _one_error_line(capsys, "reconstruct")
+    assert "no CUDA GPU" in line and "cpu" in line
+    assert main(["reconstruct", str(photos), "--out", str(tmp_path / "out"), flag, "gpu"]) == 2
+    assert "not a torch device" in _one_error_line(capsys, "reconstruct")
+
+
+def test_train_unavailable_device_refused(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert main(["train", "--device", "cuda:0", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "no CUDA GPU" in _one_error_line(capsys, "train") and not (tmp_path / "run").exists()
+
+
+def test_bad_point_options_refused_by_the_parser(photos, tmp_path, capsys, no_compute):
+    for argv in (["reconstruct", str(photos), "--max-points", "-5"], ["export", "r.npz", "--out", "o",
+                                                                      "--max-points", "-5"],
+                 ["reconstruct", str(photos), "--conf-thr", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "max_points must be >= 0" in err or "conf_thr must be a finite number" in err
+
+
+def test_infer_output_name_checked_up_front(photos, tmp_path, capsys, no_compute):
+    assert main(["infer", str(photos), "--out", str(tmp_path / "pairs.bin")]) == 2
+    assert ".npz" in _one_error_line(capsys, "infer")
+
+
+def _saved_predictions(tmp_path):
+    from test_predictions import _preds
+
+    preds = _preds()
+    for im in preds.images:
+        object.__setattr__(im, "path", "")  # no photos to copy
+    return preds.save(tmp_path / "pairs.npz")
+
+
+def test_conf_thr_above_every_confidence_warns(tmp_path, capsys):
+    """`--conf-thr 1e9`: the outputs are still written (cameras, depths), with one warning that names the highest
+    confidence and the fix; `export` of the saved reconstruction warns the same way."""
+    pairs = _saved_predictions(tmp_path)
+    assert main(["reconstruct", str(pairs), "--out", str(tmp_path / "out"), "--conf-thr", "1e9",
+                 "--align.mode", "fast"]) == 0
+    warn = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1 and "--conf-thr 1e+09" in warn[0] and "lower --conf-thr" in warn[0]
+    rec = Reconstruction.load(tmp_path / "out" / "reconstruction.npz")
+    assert f"{max(float(c.max()) for c in rec.confs):.3g}" in warn[0]
+    assert main(["export", str(tmp_path / "out" / "reconstruction.npz"), "--out", str(tmp_path / "re"),
+                 "--conf-thr", "1e9", "--formats", "colmap"]) == 0
+    assert "warning: no reconstructed pixel" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "out" / "reconstruction.npz"), "--out", str(tmp_path / "re2"),
+                 "--formats", "ply", "--conf-thr", "1.5"]) == 0  # these confidences lie in (1, 2)
+    assert "warning" not in capsys.readouterr().err and (tmp_path / "re2" / "sparse_pc.ply").is_file()
+
+
+class _FullDisk(__import__("io").FileIO):
+    """A file that takes `budget` bytes, then fails like a full disk."""
+
+    budget = 0
+
+    def write(self, b):
+        n = len(memoryview(b))
+        if _FullDisk.budget < n:
+            raise OSError(28, "No space left on device")
+        _FullDisk.budget -= n
+        return super().write(b)
+
+
+def test_infer_full_disk_is_one_line(photos, tmp_path, capsys, monkeypatch):
+    """A full disk while `infer` saves: one error line, no finaliser traceback, no partial or temporary file."""
+    import builtins
+    import gc
+    import io
+
+    import dust3r_ns.cli as cli_mod
+    import dust3r_ns.fileio as fileio
+    from test_predictions import _preds
+
+    real_open = builtins.open
+
+    def full_disk_open(path, mode="r", *a, **k):
+        if "w" in mode and "b" in mode:
+            return io.BufferedWriter(_FullDisk(path, "w"))
+        return real_open(path, mode, *a, **k)
+
+    size = _preds().save(tmp_path / "whole.npz").stat().st_size
+    (tmp_path / "whole.npz").unlink()
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(cli_mod, "run_pairs", lambda *a, **k: _preds())
+    monkeypatch.setattr(fileio, "open", full_disk_open, raising=False)
+    for budget in (0, size // 2, size - 30):  # fails in the first entry, mid-archive, in the central directory
+        _FullDisk.budget = budget
+        assert main(["infer", str(photos), "--out", str(tmp_path / "pairs.npz")]) == 2
+        assert "No space left on device" in _one_error_line(capsys, "infer")
+        gc.collect()
+        assert not unraisable, unraisable[0].exc_value
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # a thread traceback fails it
+def test_train_tensorboard_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """tensorboard's writer thread fails (full disk): no thread traceback, one error line naming the log folder."""
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from dust3r_ns.train.loop import main as train_main
+    from test_train import _cfg
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RecordWriter, "write", full)
+    before = set(threading.enumerate())
+    with pytest.raises(SystemExit) as e:
+        train_main(_cfg(tmp_path, "run", tensorboard=True, epochs=1))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dust3r-ns train: error: tensorboard log"), err
+    assert "No space left on device" in err[0] and "--no-tensorboard" in err[0]
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]  # the writer thread is gone

@@ -288,6 +288,7 @@ def test_glb_loads_back(recon, tmp_path):
 def test_export_dataset_and_cli(recon, tmp_path):
     from dust3r_ns.export import copy_images, export_dataset
     from dust3r_ns.export.cli import ExportConfig, run
+    from dust3r_ns.pipeline import PointsConfig
 
     src = tmp_path / "orig"
     src.mkdir()
@@ -299,7 +300,8 @@ def test_export_dataset_and_cli(recon, tmp_path):
         else:
             Image.new("RGB", (int(w), int(h)), (k, 0, 0)).save(src / name)
     npz = recon.save(tmp_path / "recon.npz")
-    written = run(ExportConfig(recon=npz, out=tmp_path / "ds", images=src, conf_thr=2.0, max_points=500))
+    written = run(ExportConfig(recon=npz, out=tmp_path / "ds", images=src,
+                                 points=PointsConfig(conf_thr=2.0, max_points=500)))
     ds = tmp_path / "ds"
     assert set(written) == {"images", "colmap", "ply", "nerfstudio", "glb"}
     for name, (w, h) in zip(recon.names, recon.orig_sizes):

@@ -3,6 +3,7 @@ the splatfacto model's CPU path, and `ns-train dust3r-splatfacto` end to end on 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ pytest.importorskip("nerfstudio")
 from dust3r_ns import conventions as cv  # noqa: E402
 from dust3r_ns.align import AlignConfig  # noqa: E402
 from dust3r_ns.nerfstudio.dataparser import Dust3rDataParser, Dust3rDataParserConfig  # noqa: E402
+from dust3r_ns.nerfstudio.method import NS_CHECKPOINT_GLOBALS  # noqa: E402
 from dust3r_ns.nerfstudio.rasterizer import project_gaussians, rasterize_dense  # noqa: E402
 from dust3r_ns.nerfstudio.scene_cache import CacheConfig, SceneError  # noqa: E402
 from dust3r_ns.pipeline import NetworkConfig, PairsConfig, PointsConfig  # noqa: E402
@@ -543,32 +545,144 @@ def _smooth_photos(folder: Path, n: int = 3) -> None:
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"view_{i}.png")
 
 
-NS_SAFE_GLOBALS = [np.core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
-                   np.dtypes.Int64DType]
-
-
-def _ns_train(tmp_path: Path, data: Path, parser_args: list[str], iters: int = 3) -> tuple[dict, float, str]:
-    """Run `ns-train dust3r-splatfacto` (CPU, no viewer) in a subprocess; return (checkpoint, seconds, log)."""
+def _ns_env() -> dict:
+    """Environment of the `ns-*` subprocesses: this checkout first on PYTHONPATH (so they run the code under test,
+    not an installed copy) and the plugin registered through nerfstudio's environment hooks (works with or without
+    installed entry points)."""
     env = dict(os.environ)
-    # register the plugin through nerfstudio's environment hooks (works with or without installed entry points)
     env["NERFSTUDIO_METHOD_CONFIGS"] = "dust3r-splatfacto=dust3r_ns.nerfstudio.method:dust3r_splatfacto"
     env["NERFSTUDIO_DATAPARSER_CONFIGS"] = "dust3r=dust3r_ns.nerfstudio.dataparser:dust3r_dataparser"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    out = tmp_path / "outputs"
-    cmd = [sys.executable, "-m", "nerfstudio.scripts.train", "dust3r-splatfacto", "--data", str(data),
-           "--output-dir", str(out), "--max-num-iterations", str(iters), "--vis", "tensorboard",
-           "--viewer.quit-on-train-completion", "True", "dust3r", *parser_args]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # the workaround this plugin makes unnecessary
+    env.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+    return env
+
+
+def _ns_run(tmp_path: Path, script: str, args: list[str], timeout: int = 600) -> tuple[str, float]:
+    """Run `python -m nerfstudio.scripts.<script> ARGS` in a subprocess; assert exit 0; return (log, seconds)."""
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    res = subprocess.run([sys.executable, "-m", f"nerfstudio.scripts.{script}", *args], env=_ns_env(),
+                         capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     elapsed = time.perf_counter() - t0
-    log = res.stdout[-4000:] + res.stderr   # stderr whole: the dataparser's progress lines come early in it
-    assert res.returncode == 0, log
+    log = res.stdout[-4000:] + res.stderr  # stderr whole: the dataparser's progress lines come early in it
+    assert res.returncode == 0, f"ns {script} {' '.join(args)} failed:\n{log}"
     assert "Setting up CUDA" not in log  # gsplat's JIT never started
+    return log, elapsed
+
+
+def _load_ckpt(path: Path) -> dict:
+    """A nerfstudio checkpoint, weights-only, with exactly the plugin's numpy allow-list."""
+    with torch.serialization.safe_globals(list(NS_CHECKPOINT_GLOBALS)):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _ns_train(tmp_path: Path, data: Path, parser_args: list[str], iters: int = 3, out: Path | None = None,
+              train_args: tuple[str, ...] = ()) -> tuple[dict, float, str]:
+    """Run `ns-train dust3r-splatfacto` (CPU, no viewer) in a subprocess; return (checkpoint, seconds, log)."""
+    out = out or tmp_path / "outputs"
+    log, elapsed = _ns_run(tmp_path, "train", [
+        "dust3r-splatfacto", "--data", str(data), "--output-dir", str(out), "--max-num-iterations", str(iters),
+        "--vis", "tensorboard", "--viewer.quit-on-train-completion", "True", *train_args, "dust3r", *parser_args])
     ckpts = sorted(out.rglob("step-*.ckpt"))
     assert ckpts and list(out.rglob("dataparser_transforms.json")), log
-    with torch.serialization.safe_globals(NS_SAFE_GLOBALS):
-        ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
-    return ckpt, elapsed, log
+    return _load_ckpt(ckpts[-1]), elapsed, log
+
+
+def _read_ply_floats(path: Path) -> np.ndarray:
+    """The vertices of a binary little-endian PLY whose properties are all float (a structured array)."""
+    raw = path.read_bytes()
+    end = raw.index(b"end_header\n") + len(b"end_header\n")
+    header = raw[:end].decode().splitlines()
+    assert "format binary_little_endian 1.0" in header, header[:3]
+    count = int(next(h for h in header if h.startswith("element vertex")).split()[-1])
+    props = [h.split() for h in header if h.startswith("property")]
+    assert all(p[1] == "float" for p in props), props
+    dtype = np.dtype([(p[2], "<f4") for p in props])
+    assert len(raw) - end == count * dtype.itemsize
+    return np.frombuffer(raw, dtype=dtype, offset=end, count=count)
+
+
+def test_plugin_allows_exactly_nerfstudio_checkpoint_globals(tmp_path):
+    """After the plugin is imported, torch's default (weights-only) load accepts nerfstudio's numpy float64
+    learning rates, and still refuses other numpy scalars and arbitrary callables."""
+    from dust3r_ns.nerfstudio import method
+
+    method.allow_checkpoint_globals()  # idempotent: the import already did it
+    allowed = torch.serialization.get_safe_globals()
+    assert all(allowed.count(g) == 1 for g in NS_CHECKPOINT_GLOBALS)
+    ok = tmp_path / "ok.ckpt"
+    torch.save({"lr": np.float64(1.6e-4), "_last_lr": [np.float64(2.5e-3)], "w": torch.ones(2)}, ok)
+    state = torch.load(ok, map_location="cpu")  # torch's default: weights_only=True
+    assert state["lr"] == np.float64(1.6e-4) and isinstance(state["_last_lr"][0], np.float64)
+    for name, obj in (("f32", {"lr": np.float32(0.5)}), ("call", {"f": os.getcwd})):
+        bad = tmp_path / f"{name}.ckpt"
+        torch.save(obj, bad)
+        with pytest.raises(Exception, match="Weights only load failed"):
+            torch.load(bad, map_location="cpu")
+
+
+def test_ns_cycle_train_eval_export_resume(tmp_path, fake_build):
+    """What users run after training, with torch's weights-only default and no environment workaround:
+    `ns-train dust3r-splatfacto` -> `ns-eval` -> `ns-export gaussian-splat` -> resume with `--load-dir`
+    (CPU, tiny photos, 3 + 2 iterations; the reconstruction comes from the cache filled here)."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU end-to-end path; on GPUs gsplat is used")
+    data = tmp_path / "photos"
+    write_photos(data, 4)  # eval_interval 8: img_00 is the eval photo, three train photos
+    parser_args = ["--model", "cached-model", "--conf-thr", "1.0", "--max-points", "300"]
+    parser_config(data, "cached-model", conf_thr=1.0, max_points=300).setup().get_dataparser_outputs("train")
+    ckpt, _, log = _ns_train(tmp_path, data, parser_args, iters=3)
+    assert "reusing cached reconstruction" in log and ckpt["step"] == 2
+    (config,) = (tmp_path / "outputs").rglob("config.yml")
+    models = config.parent / "nerfstudio_models"
+    means = ckpt["pipeline"]["_model.gauss_params.means"]
+
+    # ns-eval: loads the checkpoint, renders the eval photo, writes finite PSNR/SSIM
+    _ns_run(tmp_path, "eval", ["--load-config", str(config), "--output-path", str(tmp_path / "eval.json")])
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["checkpoint"].endswith("step-000000002.ckpt")
+    assert np.isfinite(results["results"]["psnr"]) and 0 < results["results"]["psnr"] < 100
+    assert np.isfinite(results["results"]["ssim"])
+
+    # ns-export gaussian-splat: the checkpoint's Gaussians, all of them, as a PLY
+    _ns_run(tmp_path, "exporter", ["gaussian-splat", "--load-config", str(config),
+                                    "--output-dir", str(tmp_path / "export")])
+    verts = _read_ply_floats(tmp_path / "export" / "splat.ply")
+    xyz = np.stack([verts["x"], verts["y"], verts["z"]], -1)
+    assert xyz.shape == tuple(means.shape)
+    np.testing.assert_allclose(np.sort(xyz, axis=0), np.sort(means.numpy(), axis=0), atol=1e-6)
+
+    # resume: 2 more iterations from the saved step, optimiser and scheduler state included
+    ckpt2, _, log2 = _ns_train(tmp_path, data, parser_args, iters=2, out=tmp_path / "resumed",
+                               train_args=("--load-dir", str(models)))
+    assert "Done loading Nerfstudio checkpoint" in log2.replace("\n", " ")
+    assert ckpt2["step"] == 4  # steps 3 and 4 ran after the loaded step 2
+    sched1, sched2 = ckpt["schedulers"]["means"], ckpt2["schedulers"]["means"]
+    assert sched2["last_epoch"] == sched1["last_epoch"] + 2
+    means2 = ckpt2["pipeline"]["_model.gauss_params.means"]
+    assert means2.shape == means.shape and (means2 - means).abs().max() < 0.05 and not torch.equal(means2, means)
+
+
+def test_nerfstudio_data_parser_loads_exported_points(tmp_path):
+    """`ns-train splatfacto --data EXPORT/` reads transforms.json and its PLY through nerfstudio's own parser, which
+    imports open3d for the points (needs the Debian library libusb-1.0-0 that README's setup installs)."""
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from dust3r_ns.export.dataset import export_dataset
+
+    rec = fake_reconstruction([f"img_{i:02d}.png" for i in range(3)])
+    photos = tmp_path / "photos"
+    write_photos(photos, 3)
+    export_dataset(rec, tmp_path / "scene", formats=("ply", "nerfstudio"), images=photos, conf_thr=1.5,
+                   max_points=200)
+    out = NerfstudioDataParserConfig(data=tmp_path / "scene", load_3D_points=True,
+                                     eval_mode="all").setup().get_dataparser_outputs("train")
+    xyz, rgb = out.metadata["points3D_xyz"], out.metadata["points3D_rgb"]
+    header = (tmp_path / "scene" / "sparse_pc.ply").read_bytes().split(b"end_header")[0].decode()
+    n_ply = int(next(h for h in header.splitlines() if h.startswith("element vertex")).split()[-1])
+    assert 100 <= n_ply <= 200 and xyz.shape == (n_ply, 3)
+    assert rgb.dtype == torch.uint8 and torch.isfinite(xyz).all()
+    assert len(out.image_filenames) == 3 and (out.cameras.width == ORIG_W).all()
 
 
 @pytest.mark.slow

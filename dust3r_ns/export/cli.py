@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Tuple
 
+import tyro
+
+from ..pipeline import Points, PointsConfig, warn_empty_points
 from .dataset import FORMATS, export_dataset
 
 Format = Literal[FORMATS]  # type: ignore[valid-type]  # the registry's format names (`dataset.WRITERS` keys)
@@ -15,18 +18,16 @@ Format = Literal[FORMATS]  # type: ignore[valid-type]  # the registry's format n
 class ExportConfig:
     """Export a reconstruction saved by `dust3r-ns reconstruct` (a .npz) as a dataset folder."""
 
-    recon: Path
-    """Reconstruction file (.npz)."""
+    recon: tyro.conf.Positional[Path]
+    """Reconstruction file (.npz) written by `dust3r-ns reconstruct` (OUT/reconstruction.npz)."""
     out: Path
     """Output folder (images/, sparse/0/, transforms.json, sparse_pc.ply, scene.glb)."""
     formats: Tuple[Format, ...] = FORMATS
     """Which outputs to write (any of the registered export formats)."""
     images: Optional[Path] = None
     """Folder with the original images (copied upright into out/images); none copied when omitted."""
-    conf_thr: float = 3.0
-    """Keep points with confidence above this."""
-    max_points: int = 100_000
-    """Point cap (voxel down-sampling); 0 = no cap."""
+    points: Points = PointsConfig()
+    """Point cloud of the exports (--conf-thr, --max-points)."""
     text: bool = False
     """Write the COLMAP model as text instead of binary."""
     shared_camera: bool = False
@@ -41,12 +42,13 @@ def run(cfg: ExportConfig) -> dict[str, Path]:
     from ..scene import Reconstruction
 
     recon = Reconstruction.load(cfg.recon)
+    warn_empty_points(recon, cfg.points.conf_thr)
     masks = cfg.masks
     if masks is None and recon.meta.get("masks_dir") and Path(str(recon.meta["masks_dir"])).is_dir():
         masks = Path(str(recon.meta["masks_dir"]))
     written = export_dataset(
-        recon, cfg.out, formats=cfg.formats, images=cfg.images, conf_thr=cfg.conf_thr,
-        max_points=cfg.max_points, text=cfg.text, shared_camera=cfg.shared_camera, masks=masks,
+        recon, cfg.out, formats=cfg.formats, images=cfg.images, conf_thr=cfg.points.conf_thr,
+        max_points=cfg.points.max_points, text=cfg.text, shared_camera=cfg.shared_camera, masks=masks,
     )
     for fmt, path in written.items():
         print(f"{fmt}: {path}")

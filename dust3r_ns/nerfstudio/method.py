@@ -5,10 +5,16 @@ Headline command: ``ns-train dust3r-splatfacto --data photos/``. Differences fro
 refinement works when enabled (``--pipeline.model.camera-optimizer.mode SO3xR3``), the machine defaults to CPU
 when CUDA is absent (then the model's pure-PyTorch rasterizer is used: slow, for tests and demos; the seed point
 cap is then 20k instead of 100k).
+
+Importing this module (nerfstudio does so whenever it discovers its methods: `ns-train`, `ns-eval`, `ns-export`,
+`ns-viewer`, `ns-render`) adds the numpy globals of nerfstudio's own checkpoints to torch's weights-only allow-list:
+nerfstudio stores numpy float64 learning rates in its `.ckpt` files and loads them with `torch.load`'s default
+(weights-only since torch 2.6), which refuses them otherwise.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
@@ -24,6 +30,21 @@ from dust3r_ns.nerfstudio.model import Dust3rSplatfactoModelConfig
 from dust3r_ns.pipeline import PointsConfig
 
 MAX_ITERS = 30_000
+
+NS_CHECKPOINT_GLOBALS = (np.core.multiarray.scalar, np.dtype, np.dtypes.Float64DType)
+"""What a nerfstudio checkpoint pickles besides tensors: numpy float64 scalars (learning rates in
+`optimizers/*/param_groups/*/lr` and `schedulers/*/_last_lr`), rebuilt from their dtype and raw bytes."""
+
+
+def allow_checkpoint_globals() -> None:
+    """Add `NS_CHECKPOINT_GLOBALS` (only those) to torch's weights-only allow-list; a no-op when already there."""
+    allowed = torch.serialization.get_safe_globals()
+    missing = [g for g in NS_CHECKPOINT_GLOBALS if g not in allowed]
+    if missing:
+        torch.serialization.add_safe_globals(missing)
+
+
+allow_checkpoint_globals()  # once per process: this module is imported once, before nerfstudio loads a checkpoint
 
 
 def _adam(lr: float, final: float | None = None, warmup: int = 0) -> dict:

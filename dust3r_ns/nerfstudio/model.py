@@ -111,6 +111,17 @@ class Dust3rSplatfactoModel(SplatfactoModel):
                 self.gauss_params["features_rest"].data.zero_()
             self.seed_points = (self.seed_points[0], seed_rgb)
 
+    def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
+        """splatfacto's load (resizes every Gaussian parameter to the checkpoint's count), then the loaded values
+        are moved into the original `Parameter` objects: the optimizers that a resumed run (`--load-dir`) built before
+        loading hold those objects, and would otherwise step orphans while the loaded Gaussians never change."""
+        kept = dict(self.gauss_params.items())
+        result = super().load_state_dict(state_dict, **kwargs)
+        for name, param in kept.items():
+            param.data = self.gauss_params[name].data
+            self.gauss_params[name] = param
+        return result
+
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
         if not cpu_fallback_active() and self.device.type == "cuda":
             return super().get_outputs(camera)  # gsplat, untouched

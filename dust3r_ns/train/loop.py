@@ -257,8 +257,82 @@ def evaluate(model, loader, dev, amp_ctx, world: int) -> dict:
     return {"loss": float(sums[0]) / n, "Regr3D": float(sums[1]) / n, "Regr3D_ScaleShiftInv": float(sums[2]) / n}
 
 
+class ScalarLog:
+    """tensorboard scalars of the main process, written by tensorboard's background thread. That thread never
+    prints a traceback (`_quiet_tensorboard_threads`): its failure (e.g. a full disk) is raised in the training
+    loop at the next call, or by `close`, as one OSError naming the log folder."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        _quiet_tensorboard_threads()
+        self.folder = folder
+        self._writer = None
+        try:
+            self._writer = SummaryWriter(str(folder))
+        except Exception as exc:  # the writer thread can fail while the constructor still writes
+            raise self._error(exc) from None
+
+    def _error(self, exc: Exception) -> OSError:
+        return OSError(f"tensorboard log {self.folder}: {exc}; free space there or pass --no-tensorboard")
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        try:
+            self._writer.add_scalar(tag, value, step)
+        except Exception as exc:
+            raise self._error(exc) from None
+
+    def close(self, quiet: bool = False) -> None:
+        """Flush and stop the writer thread; its error is raised unless `quiet` (another error is on its way)."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except Exception as exc:
+            if not quiet:
+                raise self._error(exc) from None
+
+
+_THREAD_HOOK_INSTALLED = False
+
+
+def _quiet_tensorboard_threads() -> None:
+    """Chain a `threading.excepthook` that drops exceptions of tensorboard's event-writer threads (tensorboard
+    keeps the exception and raises it in the writing thread; `ScalarLog` reports it) and passes on all others."""
+    global _THREAD_HOOK_INSTALLED
+    if _THREAD_HOOK_INSTALLED:
+        return
+    import threading
+
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+
+    def hook(args):
+        if not isinstance(args.thread, _AsyncWriterThread):
+            previous(args)
+
+    threading.excepthook = hook
+    _THREAD_HOOK_INSTALLED = True
+
+
 def run(cfg: TrainConfig) -> dict:
-    """Train according to cfg. Returns the final test metrics and counters (on every rank)."""
+    """Train according to cfg. Returns the final test metrics and counters (on every rank). On an error the
+    tensorboard writer is closed (quietly when an error propagates)."""
+    logs: list[ScalarLog] = []
+    try:
+        result = _run(cfg, logs)
+    except BaseException:
+        for log in logs:
+            log.close(quiet=True)
+        raise
+    for log in logs:  # also after an early stop (--stop-after-steps)
+        log.close()
+    return result
+
+
+def _run(cfg: TrainConfig, logs: list) -> dict:
     from contextlib import nullcontext
 
     from torch.utils.data import DataLoader
@@ -323,11 +397,8 @@ def run(cfg: TrainConfig) -> dict:
     criterion = make_train_criterion()
     writer = None
     if is_main and cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"))
-        except ImportError:  # pragma: no cover - tensorboard is a dependency
-            log("tensorboard not installed: no scalars written")
+        writer = ScalarLog(out / "tb")
+        logs.append(writer)
     log(f"{n_params / 1e6:.2f}M parameters, {len(train_set)} train / {len(test_set)} test pairs, {world} process(es) "
         f"on {dev}, amp={amp}, {n_batches} batches/epoch")
 
@@ -427,10 +498,12 @@ def run(cfg: TrainConfig) -> dict:
     return dict(metrics, steps=step, skipped=skipped, seconds=time.time() - t0, model=model)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | TrainConfig | None = None) -> None:
+    """Train from a command line (argv, default sys.argv) or a parsed config; bad input and failed writes exit
+    with status 2 and one line."""
     try:
-        run(make_config(argv))
-    except (FileNotFoundError, ValueError) as exc:
+        run(argv if isinstance(argv, TrainConfig) else make_config(argv))
+    except (OSError, ValueError) as exc:
         print(f"dust3r-ns train: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
