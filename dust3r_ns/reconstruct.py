@@ -5,7 +5,7 @@ Writes into ``--out``: ``images/`` (the inputs as the network saw them: upright 
 (the full aligner result) and ``depth/``/``conf/`` maps as ``.npy``. The folder is assembled next to its final
 place and swapped in whole (`export.export_dataset`); an `--overwrite` killed midway leaves the old folder, or
 it is put back by the next run. Photos are reconstructed through the cache the nerfstudio dataparser uses
-(`nerfstudio.scene_cache`): the same photos, model and options are computed once for both.
+(`dust3r_ns.cache`): the same photos, model and options are computed once for both.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dust3r_ns.export.dataset import export_dataset
 from dust3r_ns import distributed
 from dust3r_ns.export.tracks import TracksConfig
 from dust3r_ns.fileio import recover_dir
-from dust3r_ns.nerfstudio.scene_cache import (Cache, CacheConfig, PhotoInfo, build_reconstruction, cache_dir_for,
+from dust3r_ns.cache import (Cache, CacheConfig, PhotoInfo, build_reconstruction, cache_dir_for,
                                               inspect_photos, list_images, load_or_build, model_identity,
                                               reconstruction_options)
 from dust3r_ns.pipeline import (Cameras, CamerasConfig, Masks, MasksConfig, Network, NetworkConfig, Pairs,

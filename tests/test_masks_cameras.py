@@ -249,7 +249,7 @@ def test_dataparser_uses_masks_and_known_cameras(tmp_path, monkeypatch):
     pytest.importorskip("nerfstudio")
     import dust3r_ns.nerfstudio.dataparser as dp
     import dust3r_ns.pipeline as pipeline
-    from dust3r_ns.nerfstudio.scene_cache import CacheConfig
+    from dust3r_ns.cache import CacheConfig
 
     preds, gt = toy(5)
     data = tmp_path / "photos"

@@ -22,7 +22,7 @@ from dust3r_ns.align import AlignConfig  # noqa: E402
 from dust3r_ns.nerfstudio.dataparser import Dust3rDataParser, Dust3rDataParserConfig  # noqa: E402
 from dust3r_ns.nerfstudio.method import NS_CHECKPOINT_GLOBALS  # noqa: E402
 from dust3r_ns.nerfstudio.rasterizer import project_gaussians, rasterize_dense  # noqa: E402
-from dust3r_ns.nerfstudio.scene_cache import CacheConfig, SceneError  # noqa: E402
+from dust3r_ns.cache import CacheConfig, SceneError  # noqa: E402
 from dust3r_ns.pipeline import NetworkConfig, PairsConfig, PointsConfig  # noqa: E402
 from dust3r_ns.scene import Reconstruction  # noqa: E402
 

@@ -31,8 +31,8 @@ import dust3r_ns.reconstruct as rc_mod  # noqa: E402
 from dust3r_ns import fileio  # noqa: E402
 from dust3r_ns.export import ExportError, export_dataset, read_ply  # noqa: E402
 from dust3r_ns.images import load_images, open_rgb  # noqa: E402
-from dust3r_ns.nerfstudio import scene_cache  # noqa: E402
-from dust3r_ns.nerfstudio.scene_cache import CacheConfig, SceneError  # noqa: E402
+from dust3r_ns import cache as scene_cache  # noqa: E402
+from dust3r_ns.cache import CacheConfig, SceneError  # noqa: E402
 from dust3r_ns.pipeline import NetworkConfig, PointsConfig  # noqa: E402
 from dust3r_ns.reconstruct import ReconstructConfig  # noqa: E402
 from dust3r_ns.scene import Reconstruction  # noqa: E402

@@ -1,7 +1,7 @@
 """nerfstudio dataparser `dust3r`: a folder of unposed photos -> DUSt3R cameras, intrinsics and seed points.
 
 `--data` is a folder of photos, or a `dust3r-ns reconstruct` output folder (or its `reconstruction.npz`). For
-photos the parser runs pair inference + global alignment, or reuses the cached result (`scene_cache`, the cache
+photos the parser runs pair inference + global alignment, or reuses the cached result (`dust3r_ns.cache`, the cache
 `dust3r-ns reconstruct` uses too); a reconstruction folder is reused as it is, without the network. It returns
 `DataparserOutputs` with
 - `Cameras`: OpenGL camera-to-world, per-image pinhole intrinsics with nerfstudio's pixel centres at +0.5, for
@@ -47,7 +47,7 @@ from dust3r_ns.images import auto_downscale, downscale_size
 from dust3r_ns.pipeline import Cameras as KnownCameras  # (nerfstudio's `Cameras` is the camera batch class)
 from dust3r_ns.pipeline import (CamerasConfig, Masks, MasksConfig, Network, NetworkConfig, Pairs, PairsConfig, Points,
                                 PointsConfig, default_model_source, inputs_fingerprint, masks_folder)
-from dust3r_ns.nerfstudio.scene_cache import (
+from dust3r_ns.cache import (
     Cache,
     CacheConfig,
     CachedScene,
