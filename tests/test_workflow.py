@@ -24,12 +24,13 @@ from PIL import Image
 
 pytest.importorskip("nerfstudio")
 
-from test_nerfstudio import NS_SAFE_GLOBALS, FakeBuild, fake_reconstruction, parser_config, write_photos  # noqa: E402
+from dust3r_ns.nerfstudio.method import NS_CHECKPOINT_GLOBALS  # noqa: E402
+from test_nerfstudio import FakeBuild, fake_reconstruction, parser_config, write_photos  # noqa: E402
 
 import dust3r_ns.nerfstudio.dataparser as dp_mod  # noqa: E402
 import dust3r_ns.reconstruct as rc_mod  # noqa: E402
 from dust3r_ns import fileio  # noqa: E402
-from dust3r_ns.export import ExportError, export_dataset, read_ply  # noqa: E402
+from dust3r_ns.export import export_dataset, read_ply  # noqa: E402
 from dust3r_ns.images import load_images, open_rgb  # noqa: E402
 from dust3r_ns import cache as scene_cache  # noqa: E402
 from dust3r_ns.cache import CacheConfig, SceneError  # noqa: E402
@@ -270,7 +271,7 @@ def test_ns_train_on_a_reconstruction_folder_at_auto_downscale(tmp_path, builds)
     assert "reusing the reconstruction" in log and "reconstructing" not in log
     ckpts = sorted((tmp_path / "outputs").rglob("step-*.ckpt"))
     assert ckpts, log
-    with torch.serialization.safe_globals(NS_SAFE_GLOBALS):
+    with torch.serialization.safe_globals(list(NS_CHECKPOINT_GLOBALS)):
         ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
     means = ckpt["pipeline"]["_model.gauss_params.means"]
     assert ckpt["step"] == 1 and torch.isfinite(means).all() and len(means) == len(read_ply(out / "sparse_pc.ply")[0])
