@@ -213,11 +213,14 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
 
 
 def align(preds: PairPredictions, cfg: AlignConfig = AlignConfig(), points: PointsConfig = PointsConfig(),
-          device: Optional[str] = None, verbose: bool = True) -> Reconstruction:
-    """Global alignment of the predictions; the aligner's device defaults to `device` (the network's)."""
+          device: Optional[str] = None, verbose: bool = True, known_K=None, known_c2w=None) -> Reconstruction:
+    """Global alignment of the predictions (known intrinsics in original-image pixels and known poses fixed, see
+    `global_align`); the aligner's device defaults to `device` (the network's). Warns when no point survives
+    `points.conf_thr`."""
     check_device(cfg.device, "--align.device")
     cfg = cfg.replace(device=cfg.device or resolve_device(device))
-    rec = global_align(preds, cfg, conf_thr=points.conf_thr, verbose=verbose)
+    rec = global_align(preds, cfg, known_K=known_K, K_space="orig", known_c2w=known_c2w, conf_thr=points.conf_thr,
+                       verbose=verbose)
     warn_empty_points(rec, points.conf_thr)
     return rec
 
@@ -437,9 +440,7 @@ def align_inputs(preds: PairPredictions, cfg: AlignConfig = AlignConfig(), point
     if image_masks is not None:
         preds = apply_masks(preds, image_masks)
     known_K, known_c2w = known_cameras(cameras, preds.images)
-    cfg = cfg.replace(device=cfg.device or resolve_device(device))
-    rec = global_align(preds, cfg, known_K=known_K, K_space="orig", known_c2w=known_c2w, conf_thr=points.conf_thr,
-                       verbose=verbose)
+    rec = align(preds, cfg, points, device, verbose, known_K=known_K, known_c2w=known_c2w)
     if image_masks is None:
         return rec
     return dataclasses.replace(rec, image_masks=image_masks, meta=dict(rec.meta, masks_dir=str(Path(folder).resolve())))

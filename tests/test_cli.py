@@ -104,7 +104,7 @@ def no_compute(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("computation started before the input was validated")
 
-    monkeypatch.setattr(P, "load_network", boom)
+    monkeypatch.setattr(P, "load_model", boom)
     monkeypatch.setattr(P, "global_align", boom)
 
 

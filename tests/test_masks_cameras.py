@@ -43,7 +43,9 @@ def test_device_defaults_to_cuda_when_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device(None) == "cuda" and resolve_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device(None) == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device(None) == "cpu"
+    with pytest.raises(ValueError, match="no CUDA GPU"):   # an explicit CUDA device without a GPU is refused
+        resolve_device("cuda:1")
 
 
 # ---------------------------------------------------------------- mask files

@@ -47,7 +47,7 @@ def builds(monkeypatch):
     """Replace the network + alignment of both commands by one counting fake (`FakeBuild`)."""
     fb = FakeBuild()
 
-    def fake(paths, network, pairs, align_cfg, points, label=""):
+    def fake(paths, network, pairs, align_cfg, points, label="", **inputs):
         return fb(None, network.model, paths)
 
     for mod in (scene_cache, dp_mod, rc_mod):

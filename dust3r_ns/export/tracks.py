@@ -183,8 +183,8 @@ def build_tracks(rec: Reconstruction, points: tuple[np.ndarray, np.ndarray, np.n
         Xo = _back_project(rec, b, vu)
         wt = np.maximum(_lookup(rec.confs, b, vu), 1e-6)
         den = np.bincount(p, weights=wt, minlength=M)
-        fused = np.stack([np.bincount(p, weights=wt * Xo[:, k], minlength=M) for k in range(3)], -1)
-        fused /= np.maximum(den, 1e-30)[:, None]
+        fused = np.stack([np.bincount(p, weights=wt * Xo[:, k], minlength=M) for k in range(3)], -1).astype(np.float64)
+        fused /= np.maximum(den, 1e-30)[:, None]   # (bincount of no points is an empty int array)
     else:
         fused = xyz.copy()
     K_orig = rec.K_orig
