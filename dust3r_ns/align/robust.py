@@ -30,21 +30,36 @@ from .data import PairData
 from .problem import State, apply_sim_cf, channels_first, dist_cf, edge_sides, world_points
 
 
-def spanning_tree(N: int, i: np.ndarray, j: np.ndarray, weight: np.ndarray) -> list[int]:
-    """Edge indices of a maximum-weight spanning forest (Kruskal with union-find; self-edges skipped)."""
-    parent = list(range(N))
+class DisjointSets:
+    """Union-find over 0..N-1 (path halving)."""
 
-    def find(a: int) -> int:
+    def __init__(self, N: int) -> None:
+        self.parent = list(range(N))
+        self.groups = N
+
+    def find(self, a: int) -> int:
+        parent = self.parent
         while parent[a] != a:
             parent[a] = parent[parent[a]]
             a = parent[a]
         return a
 
+    def union(self, a: int, b: int) -> bool:
+        """Join the sets of a and b; False when they were one already."""
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra == rb:
+            return False
+        self.parent[ra] = rb
+        self.groups -= 1
+        return True
+
+
+def spanning_tree(N: int, i: np.ndarray, j: np.ndarray, weight: np.ndarray) -> list[int]:
+    """Edge indices of a maximum-weight spanning forest (Kruskal; self-edges skipped)."""
+    sets = DisjointSets(N)
     tree = []
     for k in np.argsort(-weight, kind="stable"):
-        a, b = find(int(i[k])), find(int(j[k]))
-        if a != b:
-            parent[a] = b
+        if sets.union(int(i[k]), int(j[k])):
             tree.append(int(k))
             if len(tree) == N - 1:
                 break
@@ -158,21 +173,10 @@ def _ok(N: int, e: np.ndarray) -> bool:
     first[e[:, 0]] = True
     if not first.all():
         return False
-    parent = list(range(N))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    groups = N
+    sets = DisjointSets(N)
     for a, b in e:
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[ra] = rb
-            groups -= 1
-    return groups == 1
+        sets.union(a, b)
+    return sets.groups == 1
 
 
 def reject_edges(N: int, edges: np.ndarray, Rrel: torch.Tensor, rho: torch.Tensor, w: torch.Tensor,
