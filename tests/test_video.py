@@ -100,3 +100,31 @@ def test_reconstruct_a_clip(tmp_path):
     out = tmp_path / "out"
     assert main(["reconstruct", str(clip), "--fps", "1", "--model", str(model_dir), "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"frame_{k:05d}.png" for k in range(3)]
+
+
+def test_dataparser_takes_a_clip(tmp_path, monkeypatch):
+    """`ns-train dust3r-splatfacto --data clip.mp4`: the dataparser reconstructs the clip's sampled frames (the
+    network replaced by a fake that checks what it is given) and nerfstudio loads those frames."""
+    pytest.importorskip("nerfstudio")
+    import dust3r_ns.nerfstudio.dataparser as dp
+    from dust3r_ns.nerfstudio.dataparser import Dust3rDataParserConfig
+    from dust3r_ns.pipeline import NetworkConfig, PointsConfig
+    from dust3r_ns.video import VideoConfig
+    from test_nerfstudio import fake_reconstruction
+
+    clip = tmp_path / "clip.mp4"
+    _write_clip(clip)
+    seen = []
+
+    def fake_build(paths, network, *a, **k):
+        seen.append([p.name for p in paths])
+        return fake_reconstruction([p.name for p in paths], sizes=[(W, H)] * len(paths))
+
+    monkeypatch.setattr(dp, "build_reconstruction", fake_build)
+    cfg = Dust3rDataParserConfig(data=clip, network=NetworkConfig(model="test/fake"), video=VideoConfig(fps=1),
+                                 points=PointsConfig(conf_thr=1.0), eval_mode="all")
+    out = cfg.setup().get_dataparser_outputs("train")
+    assert seen == [[f"frame_{k:05d}.png" for k in range(3)]]
+    assert [f.name for f in out.image_filenames] == seen[0] and all(f.is_file() for f in out.image_filenames)
+    cfg.setup().get_dataparser_outputs("train")
+    assert len(seen) == 1                                  # frames and reconstruction reused

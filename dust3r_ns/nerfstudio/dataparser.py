@@ -46,7 +46,8 @@ from dust3r_ns.align import AlignConfig
 from dust3r_ns.images import auto_downscale, downscale_size
 from dust3r_ns.pipeline import Cameras as KnownCameras  # (nerfstudio's `Cameras` is the camera batch class)
 from dust3r_ns.pipeline import (CamerasConfig, Masks, MasksConfig, Network, NetworkConfig, Pairs, PairsConfig, Points,
-                                PointsConfig, default_model_source, inputs_fingerprint, masks_folder)
+                                PointsConfig, Video, default_model_source, inputs_fingerprint, masks_folder)
+from dust3r_ns.video import VideoConfig, frames_folder, is_video
 from dust3r_ns.cache import (
     Cache,
     CacheConfig,
@@ -70,14 +71,16 @@ class Dust3rDataParserConfig(DataParserConfig):
 
     _target: Type = field(default_factory=lambda: Dust3rDataParser)
     data: Path = Path()
-    """Folder of photos (at least 2; sub-folders and hidden files ignored), or a reconstruct output folder / its
-    reconstruction.npz (reused without the network)."""
+    """Folder of photos (at least 2; sub-folders and hidden files ignored), a video clip (its sampled frames), or a
+    reconstruct output folder / its reconstruction.npz (reused without the network)."""
     network: Network = NetworkConfig()
     """DUSt3R checkpoint and device (--model, --device, --batch-size, --amp)."""
     pairs: Pairs = PairsConfig()
     """Network image size and pair graph (--image-size, --scene-graph)."""
     align: AlignConfig = AlignConfig()
     """Global alignment (--align.mode, --align.niter, --align.shared-focal, ...)."""
+    video: Video = VideoConfig()
+    """Frame sampling when `data` is a video clip (--fps, --num-frames, --min-sharpness)."""
     points: Points = PointsConfig()
     """Seed points: confidence threshold (also stored with the reconstruction) and point cap."""
     cameras: KnownCameras = CamerasConfig()
@@ -120,21 +123,27 @@ class Dust3rDataParser(DataParser):
         """Photo indices of the last split returned."""
 
     # ------------------------------------------------------------------ reconstruction
+    def _photos(self) -> Path:
+        """The photo folder: `data`, or the folder of a video clip's sampled frames (extracted once)."""
+        data = Path(self.config.data)
+        return frames_folder(data, self.config.video) if is_video(data) else data
+
     def _mask_dir(self) -> Optional[Path]:
-        return masks_folder(self.config.masks, [], photo_folder=Path(self.config.data))
+        return masks_folder(self.config.masks, [], photo_folder=self._photos())
 
     def _inputs_options(self) -> Optional[dict]:
         """Known cameras and masks (options and file contents): part of the cache key when used."""
         c = self.config
         if c.cameras == CamerasConfig() and self._mask_dir() is None:
             return None
-        names = [p.name for p in sorted(Path(c.data).iterdir())] if Path(c.data).is_dir() else []
+        folder = self._photos()
+        names = [p.name for p in sorted(folder.iterdir())] if folder.is_dir() else []
         return inputs_fingerprint(c.cameras, self._mask_dir(), names)
 
     def _build(self, model: str, paths: list[Path]):
         c = self.config
         return build_reconstruction(paths, dataclasses.replace(c.network, model=model), c.pairs, c.align, c.points,
-                                    label=str(c.data), cameras=c.cameras, masks=c.masks, photo_folder=Path(c.data))
+                                    label=str(c.data), cameras=c.cameras, masks=c.masks, photo_folder=self._photos())
 
     def get_scene(self) -> CachedScene:
         """The reconstruction of `data`: a saved one, or the (cached) one of the photo folder; once per parser."""
@@ -144,7 +153,7 @@ class Dust3rDataParser(DataParser):
             if npz is not None:
                 self.scene = open_reconstruction(npz)
                 return self.scene
-            photos = list_images(Path(c.data))
+            photos = list_images(self._photos())
             model = c.network.model or default_model_source()
             options = reconstruction_options(c.network, c.pairs, c.align, c.points, self._inputs_options())
             self.scene = load_or_build(photos, cache_dir_for(photos, c.cache), model_identity(model), options,
