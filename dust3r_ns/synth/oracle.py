@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .render import render_views  # noqa: F401  (re-exported: render_views(scene, c2w, K, H, W) -> list[dict])
 
 
 @dataclass(frozen=True)

@@ -416,7 +416,7 @@ def _run(cfg: TrainConfig, logs: list) -> dict:
     skipped, run_steps, t0, metrics = 0, 0, time.time(), {}
     if start_epoch == 0 and start_batch == 0 and not cfg.resume:
         metrics = evaluate(ddp_model, test_loader, dev, amp_ctx, world)
-        log(f"initial test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log("initial test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if writer:
             for k, v in metrics.items():
                 writer.add_scalar(f"test/{k}", v, 0)
