@@ -106,3 +106,70 @@ def test_alignment_drops_structured_gross_edges_and_keeps_the_clean_accuracy(orb
     assert ate["rob"] <= 1.5 * ate["clean"]
     assert ate["plain"] > 3 * ate["clean"]                           # without it the wrong pairs drag the solve
     assert pose_metrics(rob.c2w, gt["c2w"])["rra_max_deg"] < 5.0
+
+
+def test_drop_and_restore_edges_round_trip():
+    from types import SimpleNamespace
+    from dust3r_ns.align.robust import drop_edges, restore_edges
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.rand(5, 2, 3, generator=g), torch.rand(5, 2, 3, generator=g)
+    d = SimpleNamespace(w1=w1, w2=w2)
+    c = SimpleNamespace(w1=w1[:, ::2].clone(), w2=w2)          # a coarse copy sharing one stack
+    before = [t.clone() for t in (d.w1, d.w2, c.w1)]
+    rej = np.array([False, True, False, True, True])
+    saved = drop_edges([d, c], rej)
+    assert len(saved) == 3                                      # the shared stack is zeroed (and saved) once
+    assert all(float(t[torch.from_numpy(rej)].abs().sum()) == 0 for t in (d.w1, d.w2, c.w1))
+    back = np.array([False, True, False, False, True])
+    restore_edges(saved, back)
+    for t, b in zip((d.w1, d.w2, c.w1), before):
+        assert torch.equal(t[torch.from_numpy(~rej | back)], b[torch.from_numpy(~rej | back)])
+        assert float(t[3].abs().sum()) == 0                     # edge 3 stays dropped
+
+
+def test_readmission_restores_good_long_edges_that_a_bent_consensus_rejected():
+    # an arc of 24 cameras (5 deg steps), window graph of 2 plus long links (10 steps apart); the short pairs
+    # over-rotate systematically by 30% (as the bundled model's do) and the long links are less confident, so the
+    # consensus follows the chained short pairs, bends, and the (accurate) long links disagree with it by more
+    # than the rejection threshold; four long links are truly wrong (they claim a near-zero rotation)
+    from dust3r_ns.align.averaging import average_rotations
+    from dust3r_ns.align.robust import readmit_edges
+    from dust3r_ns.metrics import rotation_angle_deg
+    n, step = 24, 5.0
+    Rg = _ring_rotations(n, step)
+    pairs = [(a, a + d) for a in range(n) for d in (1, 2) if a + d < n] + [(a, a + 10) for a in range(0, n - 10, 2)]
+    e = np.array(pairs + [(b, a) for a, b in pairs])
+    i, j = e[:, 0], e[:, 1]
+    ax = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    d = torch.from_numpy((j - i).astype(np.float64))
+    long = np.abs(j - i) == 10
+    bias = torch.where(torch.from_numpy(long), 1.0, 1.3)
+    Rrel = so3_exp(ax[None] * torch.deg2rad(step * d * bias)[:, None])
+    wrong = long & np.isin(np.minimum(i, j), [0, 6, 8, 12])
+    Rrel[torch.from_numpy(wrong)] = so3_exp(ax[None] * torch.deg2rad(torch.sign(d) * 2.0)[:, None])[
+        torch.from_numpy(wrong)]
+    w = torch.from_numpy(np.where(long, 0.3, 1.0))     # prior (consensus) weights
+    keep, _ = reject_edges(n, e, Rrel, torch.ones(len(e), dtype=torch.float64), w)
+    rejected = ~keep
+    assert rejected[wrong].all()
+    assert rejected[long & ~wrong].any()                 # the over-eager part: good long links went too
+
+    def solve(mask):                  # rotation averaging over the kept edges, all weighted alike (the "solve")
+        ti, tj = torch.as_tensor(i[mask]), torch.as_tensor(j[mask])
+        R0 = chain_rotations(n, i[mask], j[mask], Rrel[torch.from_numpy(mask)], spanning_tree(n, i[mask], j[mask],
+                                                                                           np.ones(mask.sum())))
+        R = average_rotations(ti, tj, Rrel[torch.from_numpy(mask)], torch.ones(len(ti), dtype=torch.float64), R0, 0)
+        c2w = torch.eye(4, dtype=torch.float64).repeat(n, 1, 1)
+        c2w[:, :3, :3] = R
+        return c2w
+
+    def end_error(c2w):                                  # drift: rotation error between the arc's two ends
+        rel = c2w[0, :3, :3].T @ c2w[-1, :3, :3]
+        return float(rotation_angle_deg((rel.T @ Rg[0].T @ Rg[-1])[None].numpy())[0])
+
+    c2w = solve(keep)
+    back, res = readmit_edges(c2w, e, Rrel, w, rejected, rejected, readmit_deg=20.0, factor=4.0)
+    assert not back[wrong].any()                         # the wrong links stay out
+    assert back[rejected & ~wrong].all()                 # every good rejected link comes back
+    final = keep | back
+    assert end_error(solve(final)) < 0.8 * end_error(c2w)   # and the long links hold the arc straighter

@@ -19,7 +19,7 @@ from .edges import fit_edges
 from .fast import POLISH_ITER, auto_stride, solve_fast
 from .init import mst_init
 from .problem import Constraints, State, apply_known_poses, objective, sub_depth
-from .robust import detect_outliers, drop_edges, misfit_outliers
+from .robust import detect_outliers, drop_edges, misfit_outliers, readmit_edges, restore_edges
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -160,9 +160,11 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     rob = cfg.robust
     robust = rob.enabled and N > 2
     rejected = np.zeros(data.n_edges, bool)
+    readmitted = np.zeros(data.n_edges, bool)
     if robust:
-        rejected, _report = detect_outliers(coarse, rob)
-        drop_edges([data, coarse], rejected)
+        rejected, report = detect_outliers(coarse, rob)
+        saved = drop_edges([data, coarse], rejected)
+        candidates = rejected & ~(report["scale_residual"] > rob.scale_tol)    # rotation-flagged only
     st = mst_init(data, free if (mode == "fast" and N > 2) else cons, verbose, coarse=coarse,
                   global_step=mode == "fast" and cfg.global_step)
     stats: dict[str, Any] = dict(iterations=0)
@@ -181,6 +183,16 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
                 more = solve_fast(data, st, free, **fast_opts)
                 stats["iterations"] += more["iterations"]
                 stats["polish_iterations"] = stats.get("polish_iterations", 0) + more["polish_iterations"]
+            if robust and rob.readmit and candidates.any():
+                # consensus rejections that the solved poses explain come back (module doc of `robust`)
+                readmitted, _res = readmit_edges(st.c2w, data.edges_np, report["Rrel"], report["weight"], rejected,
+                                                 candidates, rob.readmit_deg, rob.reject_factor)
+                if readmitted.any():
+                    rejected &= ~readmitted
+                    restore_edges(saved, readmitted)
+                    more = solve_fast(data, st, free, **fast_opts)
+                    stats["iterations"] += more["iterations"]
+                    stats["polish_iterations"] = stats.get("polish_iterations", 0) + more["polish_iterations"]
             if cons.pose_mask is not None:
                 apply_known_poses(st, cons)
                 fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride))
@@ -202,6 +214,7 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
                     converged=int(bool(stats.get("converged", True))),
                     seconds=float(time.perf_counter() - t0),
                     conf_thr=float(conf_thr), edges_rejected=int(rejected.sum()),
+                    edges_readmitted=int(readmitted.sum()),
                     rejected_edges=",".join(str(k) for k in np.nonzero(rejected)[0]))
     return rec
 

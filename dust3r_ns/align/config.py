@@ -36,6 +36,11 @@ class RobustConfig:
     """After the solve: edges whose misfit exceeds this times the median misfit are dropped and the solve rerun."""
     rounds: int = 1
     """Misfit rounds after the solve (0: consensus only)."""
+    readmit: bool = True
+    """After the solve: edges rejected by the consensus that agree with the solved poses come back, the solve resumed."""
+    readmit_deg: float = 20.0
+    """Re-admit when the edge's rotation residual against the solved poses is below this (degrees), or below
+    reject_factor times the weighted median residual of the kept edges if that is larger."""
     seed: int = 0
     """Seed of the perturbed spanning trees (results are deterministic)."""
 

@@ -258,17 +258,33 @@ def edge_residuals(data: PairData, st: State, depth: torch.Tensor | None = None)
     return torch.where(wsum > 0, dist / dsum.clamp_min(1e-30), torch.full_like(dist, float("nan")))
 
 
-def drop_edges(datas: list[PairData], rejected: np.ndarray) -> None:
-    """Zero the weights of the rejected edges in place in each `PairData` (shared stacks are zeroed once)."""
+Saved = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def drop_edges(datas: list[PairData], rejected: np.ndarray) -> Saved:
+    """Zero the weights of the rejected edges in place in each `PairData` (shared stacks are zeroed once). Returns
+    what `restore_edges` needs to give them back: (stack, edge indices, their weights before) per stack."""
     idx = torch.as_tensor(np.nonzero(rejected)[0])
+    saved: Saved = []
     if not len(idx):
-        return
+        return saved
     seen: set[int] = set()
     for d in datas:
         for t in (d.w1, d.w2):
             if id(t) not in seen:
                 seen.add(id(t))
-                t[idx.to(t.device)] = 0
+                k = idx.to(t.device)
+                saved.append((t, k, t[k].clone()))
+                t[k] = 0
+    return saved
+
+
+def restore_edges(saved: Saved, back: np.ndarray) -> None:
+    """Give the edges of the (E,) bool mask `back` their saved weights again (in place; see `drop_edges`)."""
+    for t, k, w in saved:
+        sel = torch.as_tensor(back, device=k.device)[k]
+        if bool(sel.any()):
+            t[k[sel]] = w[sel]
 
 
 def detect_outliers(data: PairData, cfg: RobustConfig) -> tuple[np.ndarray, dict]:
@@ -278,10 +294,41 @@ def detect_outliers(data: PairData, cfg: RobustConfig) -> tuple[np.ndarray, dict
 
     score = edge_scores(data)
     rho, Rrel, _t = relative_similarities(data, own_maps(data, score))
-    keep, rep = reject_edges(data.n_images, data.edges_np, Rrel, rho, prior_weights(score, cfg.gamma),
+    w = prior_weights(score, cfg.gamma)
+    keep, rep = reject_edges(data.n_images, data.edges_np, Rrel, rho, w,
                              inlier_deg=cfg.inlier_deg, reject_deg_min=cfg.reject_deg, reject_factor=cfg.reject_factor,
                              scale_tol=cfg.scale_tol, hypotheses=cfg.hypotheses, seed=cfg.seed)
+    rep.update(Rrel=Rrel.double().cpu(), weight=w)
     return ~keep, rep
+
+
+def readmit_edges(c2w: torch.Tensor, edges: np.ndarray, Rrel: torch.Tensor, w: torch.Tensor, rejected: np.ndarray,
+                  candidates: np.ndarray, readmit_deg: float, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """((E,) bool edges to re-admit, (E,) rotation residuals in degrees) against solved poses.
+
+    c2w [N, 4, 4] the solved cameras; Rrel [E, 3, 3] the edges' relative rotations (j's own frame into i's, the
+    camera frames up to scale); w [E] prior weights. Each edge's residual is |log(R_i Rrel_e R_j^T)| with R the
+    solved camera rotations. A candidate (rejected before the solve) comes back when its residual is below
+    max(readmit_deg, factor x the weighted median residual of the kept edges): the consensus that flagged it was
+    chained through the graph and may be bent by systematic errors of many short pairs, which the solve, holding
+    all kept edges at once, spreads out; edges that are truly wrong stay far off the solved poses."""
+    E = len(edges)
+    res = np.full(E, np.nan)
+    back = np.zeros(E, bool)
+    ok = (edges[:, 0] != edges[:, 1]) & torch.isfinite(Rrel).all(-1).all(-1).numpy()
+    if not ok.any():
+        return back, res
+    idx = np.nonzero(ok)[0]
+    R = c2w[:, :3, :3].detach().double().cpu()
+    r = torch.rad2deg(rotation_residuals(R, edges[idx, 0], edges[idx, 1], Rrel[idx].double()))
+    res[idx] = r.numpy()
+    kept = ~rejected[idx]
+    if not kept.any():
+        return back, res
+    kt = torch.as_tensor(kept)
+    thr = max(readmit_deg, factor * weighted_median(r[kt], w[torch.as_tensor(idx)][kt].double()))
+    back[idx] = candidates[idx] & (res[idx] < thr)
+    return back, res
 
 
 def misfit_outliers(data: PairData, st: State, rejected: np.ndarray, factor: float,

@@ -249,6 +249,7 @@ def align_run(preds: PairPredictions, gt: dict, robust: bool, gross: np.ndarray)
     rej = np.array([int(k) for k in str(rec.meta.get("rejected_edges", "")).split(",") if k], np.int64)
     return dict(robust=robust, rra_mean_deg=pm["rra_mean_deg"], rra_max_deg=pm["rra_max_deg"],
                 ate_pct=pm["ate_pct"], edges_rejected=int(rec.meta.get("edges_rejected", 0)),
+                edges_readmitted=int(rec.meta.get("edges_readmitted", 0)),
                 rejected_gross=int(gross[rej].sum()) if len(rej) else 0, gross=int(gross.sum()),
                 iterations=int(rec.meta["iterations"]), seconds=sec)
 
@@ -256,7 +257,8 @@ def align_run(preds: PairPredictions, gt: dict, robust: bool, gross: np.ndarray)
 def _fmt(r: dict) -> str:
     return (f"  robust={'on ' if r['robust'] else 'off'} RRA {r['rra_mean_deg']:.2f}/{r['rra_max_deg']:.2f} deg "
             f"(mean/max)  ATE {r['ate_pct']:.2f}%  rejected {r['edges_rejected']} edges "
-            f"({r['rejected_gross']} of the {r['gross']} gross)  it={r['iterations']}  {r['seconds']:.1f}s")
+            f"({r['rejected_gross']} of the {r['gross']} gross; {r['edges_readmitted']} re-admitted)  "
+            f"it={r['iterations']}  {r['seconds']:.1f}s")
 
 
 def run(cfg: RobustBenchConfig) -> list[dict]:
