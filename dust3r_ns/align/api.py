@@ -173,6 +173,12 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
             fast_opts = dict(max_iter=100 if niter is None else niter, tol=cfg.tol, coarse=coarse, verbose=verbose,
                              polish_iter=0 if cons.pose_mask is not None else POLISH_ITER)
             stats = solve_fast(data, st, free, **fast_opts)
+
+            def resume() -> None:      # the solve continued after the edge set changed
+                more = solve_fast(data, st, free, **fast_opts)
+                stats["iterations"] += more["iterations"]
+                stats["polish_iterations"] = stats.get("polish_iterations", 0) + more["polish_iterations"]
+
             for _ in range(rob.rounds if robust else 0):
                 # and by misfit after it: edges that the solution cannot explain are dropped, the solve resumed
                 new = misfit_outliers(coarse, st, rejected, rob.misfit_factor, sub_depth(st.depth, coarse.stride))
@@ -180,19 +186,15 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
                     break
                 rejected |= new
                 drop_edges([data, coarse], new)
-                more = solve_fast(data, st, free, **fast_opts)
-                stats["iterations"] += more["iterations"]
-                stats["polish_iterations"] = stats.get("polish_iterations", 0) + more["polish_iterations"]
+                resume()
             if robust and rob.readmit and candidates.any():
-                # consensus rejections that the solved poses explain come back (module doc of `robust`)
+                # consensus rejections that the solved poses explain come back (`robust.readmit_edges`)
                 readmitted, _res = readmit_edges(st.c2w, data.edges_np, report["Rrel"], report["weight"], rejected,
                                                  candidates, rob.readmit_deg, rob.reject_factor)
                 if readmitted.any():
                     rejected &= ~readmitted
                     restore_edges(saved, readmitted)
-                    more = solve_fast(data, st, free, **fast_opts)
-                    stats["iterations"] += more["iterations"]
-                    stats["polish_iterations"] = stats.get("polish_iterations", 0) + more["polish_iterations"]
+                    resume()
             if cons.pose_mask is not None:
                 apply_known_poses(st, cons)
                 fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride))

@@ -16,7 +16,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass(frozen=True)
 class RobustConfig:
     """Wrong pairs (outlier edges): found by consensus over the pose graph before the solve and by misfit after it,
-    and dropped (`dust3r_ns.align.robust`)."""
+    and dropped; consensus rejections that the solved poses explain are re-admitted (`dust3r_ns.align.robust`)."""
 
     enabled: bool = True
     """Detect and drop outlier edges (the graph stays connected and every image keeps an edge of its own)."""

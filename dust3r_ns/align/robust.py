@@ -13,6 +13,12 @@ median residual) are dropped, strongest offenders first, unless dropping one wou
 image without an edge in which it is the first view (the solver reads each image's own points from such an edge).
 Relative log-scales get the same treatment (their consensus from the rotation inliers, robust least squares over
 the graph): an edge whose scale disagrees by more than a factor exp(scale_tol) is dropped as well.
+Re-admission (`readmit_edges`, after the solve): the consensus is chained through the graph and follows the
+strongest (short, confident) pairs, so systematic errors of those pairs bend it, and good long pairs, the ones
+that hold a long sequence rigid, can disagree with it beyond the threshold. The solve weighs all kept pairs by
+their points, so each edge rejected for its rotation is checked again against the solved camera rotations and
+comes back (the solve resumed) when its residual is within max(readmit_deg, reject_factor x the weighted median
+residual of the kept edges).
 """
 
 from __future__ import annotations
