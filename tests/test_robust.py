@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,31 @@ def test_readmission_restores_good_long_edges_that_a_bent_consensus_rejected():
     assert back[rejected & ~wrong].all()                 # every good rejected link comes back
     final = keep | back
     assert end_error(solve(final)) < 0.8 * end_error(c2w)   # and the long links hold the arc straighter
+
+
+def test_alignment_readmits_good_edges_that_an_over_eager_consensus_rejected(orbit_case, monkeypatch):
+    # the consensus is made over-eager on purpose: besides its own rejections it drops every good longest-offset
+    # pair; the re-admission after the solve must bring exactly those back and keep the gross ones out
+    import dust3r_ns.align.api as api
+    from dust3r_ns.align import robust
+
+    preds, gt = orbit_case
+    bad, mask = inject_gross_edges(preds, gt, 0.2, seed=0)
+    off = np.abs(bad.edges[:, 0] - bad.edges[:, 1])
+    extra = (off == off[~mask].max()) & ~mask
+    assert extra.sum() >= 2
+
+    def eager(data, cfg):
+        rej, rep = robust.detect_outliers(data, cfg)
+        return rej | extra, rep
+
+    monkeypatch.setattr(api, "detect_outliers", eager)
+    rec = global_align(bad, verbose=False)
+    rejected = np.zeros(len(mask), bool)
+    rejected[[int(k) for k in rec.meta["rejected_edges"].split(",") if k]] = True
+    assert rec.meta["edges_readmitted"] >= extra.sum()
+    assert not rejected[extra].any()                                 # the good ones are back
+    assert rejected[mask].all()                                      # the gross ones stay out
+    stay = global_align(bad, AlignConfig().replace(robust=dataclasses.replace(AlignConfig().robust, readmit=False)),
+                        verbose=False)
+    assert stay.meta["edges_readmitted"] == 0 and stay.meta["edges_rejected"] >= mask.sum() + extra.sum()
