@@ -12,7 +12,8 @@ a share of the longest-baseline pairs, both directions, made to agree on a mirro
 confidence) against the clean predictions of the same scene.
 
 Each case is aligned with the robust edge handling on and off (`AlignConfig.robust`); reported per run: RRA
-mean/max (deg), ATE (% of the camera spread), edges rejected (and how many of them are gross), seconds.
+mean/max (deg), ATE (% of the camera spread), edges rejected in the end (and how many of them are gross), edges
+re-admitted after the solve, seconds.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ def inject_gross_edges(preds: PairPredictions, gt: dict, frac: float, seed: int 
 
 
 def align_run(preds: PairPredictions, gt: dict, robust: bool, gross: np.ndarray) -> dict:
-    """One fast alignment: RRA mean/max, ATE, edges rejected (and how many of them are gross), seconds."""
+    """One fast alignment: RRA mean/max, ATE, edges rejected (and how many of them are gross), re-admitted, seconds."""
     t0 = time.perf_counter()
     rec = global_align(preds, AlignConfig().replace(robust=robust), verbose=False)
     sec = time.perf_counter() - t0
