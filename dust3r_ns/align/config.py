@@ -38,7 +38,7 @@ class RobustConfig:
     """Misfit rounds after the solve (0: consensus only)."""
     readmit: bool = True
     """After the solve: edges rejected by the consensus that agree with the solved poses come back, the solve resumed."""
-    readmit_deg: float = 20.0
+    readmit_deg: float = 30.0
     """Re-admit when the edge's rotation residual against the solved poses is below this (degrees), or below
     reject_factor times the weighted median residual of the kept edges if that is larger."""
     seed: int = 0
