@@ -85,3 +85,17 @@ def test_quick_bench_runs_every_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mean over cases" in out and "gap to gt" in out
     assert (tmp_path / "splat.json").is_file()
+
+
+def test_downscaled_image_and_intrinsics_agree():
+    import torch
+
+    K = np.array([[40.0, 0, 15.5], [0, 40.0, 11.5], [0, 0, 1]])   # principal point at the centre of a 24x32 image
+    image = torch.rand(24, 32, 3)
+    Ks, small = splat.downscaled(K, image, 2)
+    assert small.shape == (12, 16, 3)
+    np.testing.assert_allclose(Ks[:2, 2], [7.5, 5.5])   # still the centre of the 12x16 image
+    np.testing.assert_allclose(Ks[0, 0], 20.0)
+    torch.testing.assert_close(small[0, 0], image[:2, :2].reshape(4, 3).mean(0))
+    K1, same = splat.downscaled(K, image, 1)
+    assert same is image and np.array_equal(K1, K)

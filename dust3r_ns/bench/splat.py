@@ -13,11 +13,13 @@ iterations:
 - `random`: DUSt3R poses and intrinsics, splatfacto's random points (as many as the DUSt3R seeds), camera
   optimizer as `dust3r-splatfacto`'s defaults.
 
-Evaluation protocol (every row the same): the trained (possibly refined) training cameras are mapped to the
-ground truth by a similarity (Umeyama on the camera centres); its inverse puts each held-out ground-truth pose
-into the splat's frame (ground-truth intrinsics). PSNR/SSIM/LPIPS are reported there ("unregistered"), and after
-test-time registration: each held-out pose (6-DoF, right-multiplied camera-frame update) is optimised with Adam on
-the photometric L1 against the frozen splat, keeping the best pose seen, as InstantSplat does at test time.
+Evaluation protocol (every row the same; only training cameras are used to place the held-out ones): a similarity
+(Umeyama on the camera centres) maps the ground-truth training cameras onto the trained (possibly refined) ones and
+puts each held-out ground-truth pose into the splat's frame; the held-out focal is the ground truth's times the
+median trained/ground-truth focal ratio of the training cameras. PSNR/SSIM/LPIPS are reported there
+("unregistered"), and after test-time registration: each held-out pose (6-DoF, right-multiplied camera-frame
+update) is optimised with Adam on the photometric L1 against the frozen splat (at a reduced size), keeping the best
+pose seen, as InstantSplat does at test time.
 LPIPS is NaN when its AlexNet weights are not available offline.
 """
 
@@ -286,7 +288,7 @@ def register(model, c2w_cv: np.ndarray, K: np.ndarray, image: torch.Tensor, step
         for it in range(steps + 1):
             rgb = model.get_outputs(ns_camera(_se3_right(base, delta), K, H, W))["rgb"]
             loss = (rgb - image).abs().mean()
-            value = float(loss)
+            value = float(loss.detach())
             if it == 0:
                 first = value
             if value < best:
