@@ -70,7 +70,7 @@ def test_quick_bench_runs_every_row(tmp_path, capsys):
                                             json_out=str(tmp_path / "splat.json")))
     assert [r["row"] for r in rows] == list(splat.ROWS)
     for r in rows:
-        for k in ("psnr", "ssim", "psnr_unreg", "ssim_unreg", "train_s", "l1_before", "l1_after"):
+        for k in ("psnr", "ssim", "psnr_unreg", "ssim_unreg", "train_s", "l1_before", "l1_after", "train_rra_deg"):
             assert math.isfinite(r[k]), (r["row"], k)
         assert r["gaussians"] > 0 and "registration" in r["protocol"]
         assert not set(r["held_out"]) & set(r["train_arc"]) and len(r["train_names"]) == r["views"]
@@ -82,6 +82,7 @@ def test_quick_bench_runs_every_row(tmp_path, capsys):
         rec = Reconstruction.load(tmp_path / "scene3_n3" / sub / "reconstruction.npz")
         assert rec.names == rows[0]["train_names"]
     assert any(r["l1_after"] < r["l1_before"] for r in rows if r["row"] != "gt")
+    assert rows[0]["train_rra_deg"] < 1e-3   # gt row: the training cameras are the ground truth
     out = capsys.readouterr().out
     assert "mean over cases" in out and "gap to gt" in out
     assert (tmp_path / "splat.json").is_file()

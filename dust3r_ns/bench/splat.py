@@ -42,7 +42,7 @@ from dust3r_ns import synth
 from dust3r_ns.bench.common import parse_hw
 from dust3r_ns.fileio import atomic_write
 from dust3r_ns.geometry import so3_exp
-from dust3r_ns.metrics import umeyama_sim3
+from dust3r_ns.metrics import pose_metrics, umeyama_sim3
 
 ROWS = ("gt", "dust3r", "dust3r-refine", "random")
 REFINE_MODE = "SO3xR3"
@@ -322,7 +322,8 @@ def evaluate(pipeline, case: dict, cfg: SplatBenchConfig) -> dict:
     model = pipeline.model
     train_gt = np.stack([v["c2w"] for v in case["train"]])
     test_gt = np.stack([v["c2w"] for v in case["test"]])
-    init = map_held_out(trained_train_c2w(pipeline), train_gt, test_gt)
+    trained = trained_train_c2w(pipeline)
+    init = map_held_out(trained, train_gt, test_gt)
     cams = pipeline.datamanager.train_dataset.cameras
     f_ratio = float(torch.median(torch.sqrt(cams.fx * cams.fy).flatten().double().cpu()
                                  / torch.tensor([math.sqrt(v["K"][0, 0] * v["K"][1, 1]) for v in case["train"]])))
@@ -341,6 +342,8 @@ def evaluate(pipeline, case: dict, cfg: SplatBenchConfig) -> dict:
     out.update({f"{m}_unreg": mean("unreg", m) for m in ("psnr", "ssim", "lpips")})
     out["l1_before"] = float(np.mean([p["l1_before"] for p in per]))
     out["l1_after"] = float(np.mean([p["l1_after"] for p in per]))
+    pm = pose_metrics(trained, train_gt)   # the training cameras after training (refined where the row refines)
+    out["train_rra_deg"], out["train_ate_pct"] = pm["rra_mean_deg"], pm["ate_pct"]
     return out
 
 
@@ -439,7 +442,8 @@ def summary(rows: list[dict]) -> str:
 def _fmt(r: dict) -> str:
     return (f"{r['case']:>6s} {r['row']:14s} PSNR {r['psnr']:6.2f} SSIM {r['ssim']:.3f} LPIPS {r['lpips']:.3f} "
             f"(unregistered {r['psnr_unreg']:6.2f} / {r['ssim_unreg']:.3f}; L1 {r['l1_before']:.4f}->"
-            f"{r['l1_after']:.4f})  train {r['train_s']:6.1f}s eval {r['eval_s']:5.1f}s gaussians {r['gaussians']:6d} "
+            f"{r['l1_after']:.4f}; train cameras RRA {r['train_rra_deg']:.2f} deg ATE {r['train_ate_pct']:.1f}%)  "
+            f"train {r['train_s']:6.1f}s eval {r['eval_s']:5.1f}s gaussians {r['gaussians']:6d} "
             f"camera_opt {r['camera_opt']}")
 
 
