@@ -9,7 +9,8 @@ iterations:
 
 - `gt`: ground-truth poses, intrinsics and points (depth maps back-projected), camera optimizer off;
 - `dust3r`: the bundled DUSt3R model's reconstruction of the training views, camera optimizer off;
-- `dust3r-refine`: the same with the camera optimizer of `dust3r-splatfacto`'s defaults (joint pose refinement);
+- `dust3r-refine`: the same with joint pose refinement (the method's camera optimizer mode, `REFINE_MODE` when
+  that is off, and its `camera_opt` learning-rate schedule);
 - `random`: DUSt3R poses and intrinsics, splatfacto's random points (as many as the DUSt3R seeds), camera
   optimizer as `dust3r-splatfacto`'s defaults.
 
