@@ -60,7 +60,7 @@ COMMANDS = {"infer": (InferConfig, run_infer), "reconstruct": (ReconstructConfig
             "export": (ExportConfig, run_export)}
 # `dust3r-ns bench NAME`: module of dust3r_ns.bench and its config class (imported only when that bench runs)
 BENCHES = {"inference": "InferenceBenchConfig", "align": "AlignBenchConfig", "model": "ModelEvalConfig",
-           "tracks": "TracksBenchConfig", "robust": "RobustBenchConfig"}
+           "tracks": "TracksBenchConfig", "robust": "RobustBenchConfig", "splat": "SplatBenchConfig"}
 BENCH_MODULES = {"model": "model_eval"}
 
 

@@ -1,0 +1,102 @@
+"""`dust3r-ns bench splat`: held-out views stay out of training, the protocol's pose mapping, and one tiny run of
+every row (the quick configuration) with finite metrics and registration that lowers the photometric error."""
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nerfstudio")
+
+from dust3r_ns.bench import splat  # noqa: E402
+from dust3r_ns.nerfstudio.method import make_config  # noqa: E402
+
+
+def test_held_out_views_are_interleaved_and_never_trained():
+    case = splat.make_case(3, 4, 2, 12, 16, "moderate")
+    n = 6
+    assert sorted(case["train_idx"] + case["test_idx"]) == list(range(n))
+    assert not set(case["train_idx"]) & set(case["test_idx"])
+    assert 0 in case["train_idx"] and n - 1 in case["train_idx"]   # held-out views lie between training views
+    train_c = np.stack([v["c2w"][:3, 3] for v in case["train"]])
+    for v in case["test"]:
+        assert np.linalg.norm(train_c - v["c2w"][:3, 3], axis=1).min() > 1e-3
+    with pytest.raises(ValueError, match="held-out"):
+        splat.make_case(3, 4, 0, 12, 16, "moderate")
+
+
+def test_map_held_out_inverts_a_similarity():
+    rng = np.random.default_rng(0)
+    from dust3r_ns.geometry import so3_exp
+    import torch
+
+    def poses(k):
+        out = np.tile(np.eye(4), (k, 1, 1))
+        for i in range(k):
+            out[i, :3, :3] = so3_exp(torch.from_numpy(rng.normal(size=3))).numpy()
+            out[i, :3, 3] = rng.normal(size=3)
+        return out
+
+    train_gt, test_gt = poses(5), poses(2)
+    s, R, t = 0.37, so3_exp(torch.tensor([0.3, -1.0, 0.5], dtype=torch.float64)).numpy(), np.array([1.0, 2.0, -3.0])
+    sim = lambda P: np.concatenate([np.concatenate([R @ P[:, :3, :3], (s * P[:, :3, 3] @ R.T + t)[..., None]], 2),  # noqa: E731
+                                    P[:, 3:]], 1)
+    mapped = splat.map_held_out(sim(train_gt), train_gt, test_gt)
+    np.testing.assert_allclose(mapped, sim(test_gt), atol=1e-9)
+
+
+def test_rows_differ_from_the_method_only_in_initialisation(tmp_path):
+    base = make_config()
+    for row in splat.ROWS:
+        tc = splat.trainer_config(tmp_path, tmp_path / "out", row, 7, 123, num_seeds=55)
+        assert tc.max_num_iterations == 7 and tc.pipeline.datamanager.dataparser.points.max_points == 123
+        assert tc.optimizers == base.optimizers
+        m, b = tc.pipeline.model, base.pipeline.model
+        mode = m.camera_optimizer.mode
+        default = b.camera_optimizer.mode
+        expected = {"gt": "off", "dust3r": "off", "random": default,
+                    "dust3r-refine": default if default != "off" else splat.REFINE_MODE}
+        assert mode == expected[row]
+        assert m.random_init == (row == "random") and (row != "random" or m.num_random == 55)
+        for name in ("densify_grad_thresh", "refine_every", "warmup_length", "cull_alpha_thresh", "sh_degree",
+                     "num_downscales", "resolution_schedule", "ssim_lambda"):
+            assert getattr(m, name) == getattr(b, name), name
+    with pytest.raises(ValueError, match="unknown row"):
+        splat.trainer_config(tmp_path, tmp_path, "colmap", 1, 1)
+
+
+def test_quick_bench_runs_every_row(tmp_path, capsys):
+    rows = splat.run(splat.SplatBenchConfig(quick=True, threads=1, work_dir=str(tmp_path),
+                                            json_out=str(tmp_path / "splat.json")))
+    assert [r["row"] for r in rows] == list(splat.ROWS)
+    for r in rows:
+        for k in ("psnr", "ssim", "psnr_unreg", "ssim_unreg", "train_s", "l1_before", "l1_after", "train_rra_deg"):
+            assert math.isfinite(r[k]), (r["row"], k)
+        assert r["gaussians"] > 0 and "registration" in r["protocol"]
+        assert not set(r["held_out"]) & set(r["train_arc"]) and len(r["train_names"]) == r["views"]
+        assert r["l1_after"] <= r["l1_before"]
+    # the reconstructions that training read hold only the training views
+    from dust3r_ns.scene import Reconstruction
+
+    for sub in ("gt", "dust3r"):
+        rec = Reconstruction.load(tmp_path / "scene3_n3" / sub / "reconstruction.npz")
+        assert rec.names == rows[0]["train_names"]
+    assert any(r["l1_after"] < r["l1_before"] for r in rows if r["row"] != "gt")
+    assert rows[0]["train_rra_deg"] < 1e-3   # gt row: the training cameras are the ground truth
+    out = capsys.readouterr().out
+    assert "mean over cases" in out and "gap to gt" in out
+    assert (tmp_path / "splat.json").is_file()
+
+
+def test_downscaled_image_and_intrinsics_agree():
+    import torch
+
+    K = np.array([[40.0, 0, 15.5], [0, 40.0, 11.5], [0, 0, 1]])   # principal point at the centre of a 24x32 image
+    image = torch.rand(24, 32, 3)
+    Ks, small = splat.downscaled(K, image, 2)
+    assert small.shape == (12, 16, 3)
+    np.testing.assert_allclose(Ks[:2, 2], [7.5, 5.5])   # still the centre of the 12x16 image
+    np.testing.assert_allclose(Ks[0, 0], 20.0)
+    torch.testing.assert_close(small[0, 0], image[:2, :2].reshape(4, 3).mean(0))
+    K1, same = splat.downscaled(K, image, 1)
+    assert same is image and np.array_equal(K1, K)
