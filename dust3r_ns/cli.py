@@ -35,7 +35,7 @@ class InferConfig:
     images: tyro.conf.Positional[list[Path]]
     """Image files, one folder of images, or one video clip."""
     out: Path = Path("pairs.npz")
-    """Output file with the pair predictions (with --network.store disk: the pair store folder)."""
+    """Output file with the pair predictions (with --store disk: the pair store folder)."""
     network: Network = NetworkConfig()
     """Checkpoint and device of the network."""
     pairs: Pairs = PairsConfig()

@@ -205,7 +205,7 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
     store_dtype = torch.float16 if on_disk else STORE_DTYPES[network.store]
     if size > 1:
         if on_disk:
-            raise ValueError("--network.store disk is not available under torchrun; use float16")
+            raise ValueError("--store disk is not available under torchrun; use float16")
         preds = distributed.sharded_inference(views, net, graph, shard_dir or ".dust3r_shards", device=device,
                                               batch_size=network.batch_size, amp=network.amp, verbose=verbose,
                                               store_dtype=store_dtype)

@@ -181,7 +181,7 @@ class PairStoreWriter:
         shapes = {im.shape for im in self.images}
         if shapes != {(self.H, self.W)}:
             raise PredictionsError(f"a pair store holds one image shape, got {sorted(shapes)}; resize the images to "
-                                   "one size or keep the predictions in memory (--network.store float16)")
+                                   "one size or keep the predictions in memory (--store float16)")
         self._ctx = atomic_dir(self.path, what="pair store", error=PredictionsError, replace=True)
         tmp = self._ctx.__enter__()
         try:
@@ -312,6 +312,11 @@ class PairPredictions:
     def on_disk(self) -> bool:
         """True when the maps are read from a pair store (`DiskMaps`)."""
         return isinstance(self.pts1, DiskMaps)
+
+    @property
+    def store_path(self) -> Path | None:
+        """The pair store folder the maps are read from (None when they are in memory)."""
+        return self.pts1.path.parent if isinstance(self.pts1, DiskMaps) else None
 
     @property
     def shapes(self) -> np.ndarray:

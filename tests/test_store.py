@@ -149,7 +149,7 @@ def test_memory_estimate_and_refusal_follow_the_store(tmp_path):
     assert estimate_memory(1000, 13000, 224, 224, "fast", 2) > 8 * 2**30
     assert estimate_memory(1000, 13000, 224, 224, "fast", 2, on_disk=True) < 8 * 2**30
     budget = (ram + disk) // 2
-    with pytest.raises(AlignError, match=r"needs ~.* GiB.*a pair store on disk \(--network\.store disk\)"):
+    with pytest.raises(AlignError, match=r"needs ~.* GiB.*a pair store on disk \(--store disk\)"):
         global_align(preds, memory_limit_bytes=budget, verbose=False)
     rec = global_align(stored, memory_limit_bytes=budget, verbose=False)
     assert len(rec.depths) == N

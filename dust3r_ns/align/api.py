@@ -145,7 +145,7 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     on_disk = preds.on_disk
     if on_disk and mode != "fast":
         raise AlignError("predictions in a pair store on disk align in mode='fast' only; use --align.mode fast or "
-                         "keep them in memory (--network.store float16)")
+                         "keep them in memory (--store float16)")
     need = estimate_memory(N, n_pairs, H, W, mode, store_bytes, on_disk)
     budget = cfg.memory_limit_bytes if cfg.memory_limit_bytes is not None else available_memory(dev)
     if budget is not None and need > budget:
@@ -153,7 +153,7 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
         if not on_disk:
             fixes.append("dtype=torch.float16")
             if mode == "fast" and estimate_memory(N, n_pairs, H, W, mode, store_bytes, True) <= budget:
-                fixes.append("a pair store on disk (--network.store disk)")
+                fixes.append("a pair store on disk (--store disk)")
         if mode != "fast":
             fixes.append("mode='fast'")
         raise AlignError(

@@ -186,7 +186,7 @@ def pair_data(preds: PairPredictions, device: str | torch.device = "cpu",
     if preds.on_disk:
         if dev.type != "cpu":
             raise AlignError("predictions in a pair store on disk align on the CPU; use --align.device cpu or keep "
-                             "them in memory (--network.store float16)")
+                             "them in memory (--store float16)")
         return PairData(edges=torch.as_tensor(preds.edges, dtype=torch.int64), pts1=preds.pts1, pts2=preds.pts2,
                         w1=StoredWeights(preds.conf1), w2=StoredWeights(preds.conf2), **meta)
 

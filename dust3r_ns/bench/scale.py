@@ -11,7 +11,8 @@ The predictions go into a pair store on disk (`--store disk`, float16; `PairStor
 (`float16`); they and the ground truth are cached under `cache_dir`, so reruns skip rendering and the network.
 Inference and alignment each run in a fresh process (`bench.common.run_isolated`): their peak RSS are their own.
 
-Reported per case: pairs, inference seconds (when computed, else the cached figure), alignment seconds, peak RSS
+Reported per case: pairs, inference seconds (when computed, else the cached figure), alignment seconds (wall and
+the process's CPU time: with one torch thread the CPU time is the work, whatever else shares the machine), peak RSS
 of both processes, ATE (% of the camera spread), RRA mean/max (deg), the median per-edge rotation error of the
 graph's own edges (`bench.robust.edge_rotation_errors`; the target is RRA mean <= 1.5x it and RRA max < 20 deg),
 edges rejected by the robust stage; then t_align(N_max) / t_align(N) per path and source with the pairs per image
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,6 +68,15 @@ class ScaleBenchConfig:
     """torch threads of each case's processes (0: torch's default)."""
     cache_dir: str = ".cache/bench_scale"
     """Where ground truth and pair stores are cached."""
+    gpu_model: str = ""
+    """Instead of the cases: the GPU memory model of pair inference for this official architecture with random
+    weights (e.g. 512_dpt), measured on the CPU (`memory_model`), and what it predicts for `gpu_n` images."""
+    gpu_size: str = "384x512"
+    """Image size HxW of the memory model."""
+    gpu_n: int = 200
+    """Images whose GPU memory the model predicts (pairs: `pairs_per_image` x N)."""
+    pairs_per_image: float = 11.0
+    """Ordered pairs per image of the predicted run (retrieval-8 gives about 11 on the rendered sequences)."""
     json_out: str = ""
     """Optional path for the results as JSON."""
 
@@ -140,12 +152,12 @@ def predict_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
         net = load_model(cfg.model or default_model_source())
         net(*(dict(img=torch.zeros(1, 3, cfg.size, cfg.size), true_shape=torch.tensor([[cfg.size] * 2]))
               for _ in range(2)))                          # (kernels built/loaded before the clock starts)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         vs = [make_view(k, rgb=v["rgb"]) for k, v in enumerate(views)]
         preds = inference_graph(vs, net, graph, device="cpu", batch_size=cfg.batch_size, verbose=False,
                                 store_dtype=torch.float16, store_path=out if disk else None)
     else:
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         edges = _oracle_edges(cfg, n, path)
         graph = f"{len(edges)} edges of the network graph" if (_case_dir(cfg, n, path, "network") / "pairs").is_dir() \
             else (cfg.graph if cfg.graph != "default" else "swin-6")
@@ -159,14 +171,14 @@ def predict_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
                 w.write(a, dict(pts1=o["pred1"]["pts3d"], pts2=o["pred2"]["pts3d_in_other_view"],
                                 conf1=o["pred1"]["conf"], conf2=o["pred2"]["conf"]))
         preds = open_store(out if disk else tmp)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     err = edge_rotation_errors(preds, gt)
     if not disk:
         preds.astype(torch.float16).save(out)
         if source == "oracle":
             shutil.rmtree(tmp)
     info = dict(n=n, path=path, source=source, graph=graph, pairs=int(preds.n_edges),
-                pairs_per_image=preds.n_edges / n, render_s=t1 - t0, infer_s=t2 - t1,
+                pairs_per_image=preds.n_edges / n, render_s=t1 - t0, infer_s=t2 - t1, infer_cpu_s=c2 - c1,
                 edge_err_median_deg=float(np.median(err)), edge_err_p90_deg=float(np.percentile(err, 90)))
     atomic_write(root / "info.json", lambda p: p.write_text(json.dumps(info)), "benchmark cache", ValueError)
     return info
@@ -183,13 +195,13 @@ def align_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
         torch.set_num_threads(cfg.threads)
     root = _case_dir(cfg, n, path, source)
     preds = PairPredictions.load(root / ("pairs" if cfg.store == "disk" else "pairs.npz"))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rec = global_align(preds, verbose=False, dtype="float16" if cfg.store == "float16" else "float32")
-    sec = time.perf_counter() - t0
+    sec, cpu = time.perf_counter() - t0, time.process_time() - c0
     with np.load(Path(cfg.cache_dir) / f"gt_{_key(cfg, n, path)}.npz") as z:
         c2w = z["c2w"]
     pm = pose_metrics(rec.c2w, c2w)
-    return dict(align_s=sec, ate_pct=pm["ate_pct"], rra_mean_deg=pm["rra_mean_deg"], rra_max_deg=pm["rra_max_deg"],
+    return dict(align_s=sec, align_cpu_s=cpu, ate_pct=pm["ate_pct"], rra_mean_deg=pm["rra_mean_deg"], rra_max_deg=pm["rra_max_deg"],
                 edges_rejected=int(rec.meta.get("edges_rejected", 0)), iterations=int(rec.meta["iterations"]),
                 polish_iterations=int(rec.meta.get("polish_iterations", 0)))
 
@@ -216,10 +228,69 @@ def run_case(cfg: ScaleBenchConfig, n: int, path: str, source: str) -> dict:
 def _fmt(r: dict) -> str:
     ok = "ok" if r["rra_mean_deg"] <= r["target_rra_mean_deg"] and r["rra_max_deg"] < 20 else "MISS"
     return (f"{r['n']:>5} {r['path']:<5} {r['source']:<7} {r['pairs']:>6} ({r['pairs_per_image']:.1f}/img) "
-            f"infer {r['infer_s']:7.1f}s{'*' if r['cached'] else ' '} align {r['align_s']:7.1f}s  "
+            f"infer {r['infer_s']:7.1f}s{'*' if r['cached'] else ' '} align {r['align_s']:7.1f}s "
+            f"(CPU {r['align_cpu_s']:7.1f}s)  "
             f"RSS infer {r['infer_rss_gb']:.2f} / align {r['align_rss_gb']:.2f} GB  ATE {r['ate_pct']:6.2f}%  "
             f"RRA {r['rra_mean_deg']:6.2f}/{r['rra_max_deg']:6.2f} deg  edge err med {r['edge_err_median_deg']:5.2f} "
             f"deg (target RRA mean <= {r['target_rra_mean_deg']:.2f}, max < 20: {ok})  rejected {r['edges_rejected']}")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_decode(name: str, size: str, batch: int, threads: int) -> dict:
+    """(child process) Bytes of the weights, of one image's encoder output, and the peak memory a decoder batch of
+    `batch` pairs adds (peak RSS of the decode over the RSS before it) for an official architecture, random
+    weights, float32, inference mode, on the CPU."""
+    from dust3r_ns.bench.common import parse_hw
+    from dust3r_ns.bench.inference import _model
+    from dust3r_ns.images import make_view
+    from dust3r_ns.inference import decode_batch, encode_images
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    H, W = parse_hw(size)
+    model = _model(False, name)
+    views = [make_view(k, img=torch.rand(1, 3, H, W) * 2 - 1) for k in range(2)]
+    feats = encode_images(model, views, "cpu", batch_size=1)
+    feat_bytes = sum(t.numel() * t.element_size() for t in feats[0])
+    pairs = [(views[0], views[1])] * batch
+    before = _rss()
+    with torch.inference_mode():
+        decode_batch(model, pairs, feats, torch.device("cpu"), None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(weights=sum(p.numel() * p.element_size() for p in model.parameters()), feat_bytes=feat_bytes,
+                batch=batch, decode_peak=max(0, peak - before))
+
+
+def memory_model(cfg: ScaleBenchConfig) -> dict:
+    """GPU memory of pair inference ~ weights + N x one image's encoder output (every image's tokens stay on the
+    device) + a decoder batch's peak, linear in the batch (measured at 1 and 3 pairs); printed with the prediction
+    for `gpu_n` images at `NetworkConfig.batch_size` 8 and the aligner's estimate on the device (`estimate_memory`,
+    float16 stacks), all labelled estimates (CPU allocations stand for the CUDA allocator's)."""
+    from dust3r_ns.align import estimate_memory
+    from dust3r_ns.bench.common import parse_hw
+
+    a, b = (run_isolated(measure_decode, cfg.gpu_model, cfg.gpu_size, k, cfg.threads) for k in (1, 3))
+    per_pair = max(1, (b["decode_peak"] - a["decode_peak"]) // 2)
+    fixed = max(0, a["decode_peak"] - per_pair)
+    N, B = cfg.gpu_n, 8
+    H, W = parse_hw(cfg.gpu_size)
+    E = int(round(cfg.pairs_per_image * N))
+    infer = a["weights"] + N * a["feat_bytes"] + fixed + B * per_pair
+    align = estimate_memory(N, E, H, W, "fast", 2)
+    gib = 2.0 ** 30
+    print(f"memory model of {cfg.gpu_model} at {cfg.gpu_size} (random weights, float32; measured on the CPU): weights "
+          f"{a['weights'] / gib:.2f} GiB, encoder output {a['feat_bytes'] / 2**20:.2f} MiB per image, decoder batch "
+          f"{fixed / 2**20:.0f} MiB + {per_pair / 2**20:.0f} MiB per pair (peaks of 1 and 3 pairs: "
+          f"{a['decode_peak'] / 2**20:.0f} / {b['decode_peak'] / 2**20:.0f} MiB)")
+    print(f"ESTIMATE for N={N} ({E} pairs, batch {B}): pair inference on one GPU ~{infer / gib:.1f} GiB "
+          f"({'within' if infer <= 24 * gib else 'over'} a 24 GiB budget; the maps go to host memory or a pair store as "
+          f"they are decoded); fast alignment on the GPU (float16 stacks) ~{align / gib:.1f} GiB "
+          f"({'within' if align <= 24 * gib else 'over'} 24 GiB)", flush=True)
+    return dict(a=a, b=b, per_pair=per_pair, fixed=fixed, infer_estimate=infer, align_estimate=align, n=N, pairs=E)
 
 
 def run(cfg: ScaleBenchConfig) -> list[dict]:
@@ -232,6 +303,11 @@ def run(cfg: ScaleBenchConfig) -> list[dict]:
             raise ValueError(f"unknown source {s!r}: use network or oracle")
     if cfg.store not in ("disk", "float16"):
         raise ValueError(f"store must be 'disk' or 'float16', got {cfg.store!r}")
+    if cfg.gpu_model:
+        res = memory_model(cfg)
+        if cfg.json_out:
+            Path(cfg.json_out).write_text(json.dumps(dict(config=asdict(cfg), memory_model=res), indent=1))
+        return [res]
     print("    N path  source   pairs (pairs/img)  inference (* cached: figure of the run that computed it)  "
           "alignment  peak RSS  ATE  RRA mean/max  per-edge rotation error median  rejected", flush=True)
     rows: list[dict] = []
@@ -248,8 +324,9 @@ def run(cfg: ScaleBenchConfig) -> list[dict]:
             rs = sorted((r for r in rows if r["path"] == path and r["source"] == source), key=lambda r: r["n"])
             for lo in rs[:-1]:
                 hi = rs[-1]
-                print(f"t_align(N={hi['n']}) / t_align(N={lo['n']}) [{path}, {source}]: "
-                      f"{hi['align_s'] / max(lo['align_s'], 1e-9):.2f} for {hi['pairs'] / max(lo['pairs'], 1):.2f}x the "
+                print(f"t_align(N={hi['n']}) / t_align(N={lo['n']}) [{path}, {source}]: wall "
+                      f"{hi['align_s'] / max(lo['align_s'], 1e-9):.2f}, CPU "
+                      f"{hi['align_cpu_s'] / max(lo['align_cpu_s'], 1e-9):.2f} for {hi['pairs'] / max(lo['pairs'], 1):.2f}x the "
                       f"pairs ({lo['pairs_per_image']:.1f} -> {hi['pairs_per_image']:.1f} per image)", flush=True)
     if cfg.json_out:
         Path(cfg.json_out).write_text(json.dumps(dict(config=asdict(cfg), rows=rows), indent=1))
