@@ -400,6 +400,8 @@ def apply_masks(preds: PairPredictions, masks: Sequence[np.ndarray]) -> PairPred
     are shared, confidences copied."""
     if len(masks) != preds.n_images:
         raise MaskError(f"{len(masks)} masks for {preds.n_images} images")
+    if preds.on_disk:
+        raise MaskError(f"{preds.store_path}: photo masks need the pair predictions in memory; use --store float16")
     m = [torch.as_tensor(np.asarray(x, bool)) for x in masks]
 
     def masked(confs, side: int):

@@ -160,6 +160,8 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
             f"global alignment ({mode}) of {N} images / {n_pairs} pairs at {H}x{W} needs ~{need / 2**30:.1f} GiB but only "
             f"{budget / 2**30:.1f} GiB is available; use " + (", ".join(fixes[:-1]) + ", or " if len(fixes) > 1 else "")
             + fixes[-1])
+    # a pair store on disk: the full-resolution maps are read chunk by chunk in every pass over the edges, so the
+    # solve stops after the coarse phase and the full-resolution depth passes (no full-resolution polish)
     data = pair_data(preds, dev, dtype)
     del preds
     cons = _constraints(data, cfg.shared_focal, known_K, K_space, known_c2w, cfg.optimize_pp, dev)
@@ -184,7 +186,7 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     if N > 2:
         if mode == "fast":
             fast_opts = dict(max_iter=100 if niter is None else niter, tol=cfg.tol, coarse=coarse, verbose=verbose,
-                             polish_iter=0 if cons.pose_mask is not None else POLISH_ITER)
+                             polish_iter=0 if cons.pose_mask is not None or data.on_disk else POLISH_ITER)
             stats = solve_fast(data, st, free, **fast_opts)
             for _ in range(rob.rounds if robust else 0):
                 # and by misfit after it: edges that the solution cannot explain are dropped, the solve resumed

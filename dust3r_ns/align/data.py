@@ -27,7 +27,8 @@ class AlignError(ValueError):
 
 class StoredWeights:
     """Log-confidence weights of a stored confidence stack, read on demand: w = log(max(conf, 1)) as float32 (the
-    writer checked the values: finite, positive), zero on dropped edges (assigning 0 to edges, as `robust.drop_edges` does, drops them)."""
+    writer checked the values: finite, positive), zero on dropped edges (assigning 0 to edges drops them, as
+    `robust.drop_edges` does)."""
 
     def __init__(self, conf: DiskMaps) -> None:
         self.conf = conf
@@ -121,7 +122,6 @@ class PairData:
         return PairData(edges=self.edges, pts1=cf(self.pts1), pts2=cf(self.pts2), w1=sub(self.w1), w2=sub(self.w2),
                         shapes=self.shapes, names=self.names, orig_sizes=self.orig_sizes, transforms=self.transforms,
                         rgbs=self.rgbs, stride=self.stride * stride)
-
 
     def _coarse_streamed(self, stride: int, elems: int = 1 << 22) -> "PairData":
         """`coarse` of stored maps: edge chunks of about `elems` values read, sub-sampled and copied into the
