@@ -211,18 +211,17 @@ def run_case(cfg: ScaleBenchConfig, n: int, path: str, source: str) -> dict:
     root = _case_dir(cfg, n, path, source)
     store = root / ("pairs" if cfg.store == "disk" else "pairs.npz")
     info_path = root / "info.json"
-    infer_rss = float("nan")
     if info_path.exists() and store.exists():
         info = json.loads(info_path.read_text())
         info["cached"] = True
     else:
         info = run_isolated(predict_case, asdict(cfg), n, path, source)
-        infer_rss = info.pop("peak_rss_mb") / 1024
+        info["infer_rss_gb"] = info.pop("peak_rss_mb") / 1024
+        atomic_write(info_path, lambda p: p.write_text(json.dumps(info)), "benchmark cache", ValueError)
         info["cached"] = False
     res = run_isolated(align_case, asdict(cfg), n, path, source)
     res["align_rss_gb"] = res.pop("peak_rss_mb") / 1024
-    return dict(info, **res, infer_rss_gb=infer_rss, store=cfg.store,
-                target_rra_mean_deg=1.5 * info["edge_err_median_deg"])
+    return dict(info, **res, store=cfg.store, target_rra_mean_deg=1.5 * info["edge_err_median_deg"])
 
 
 def _fmt(r: dict) -> str:
@@ -230,7 +229,7 @@ def _fmt(r: dict) -> str:
     return (f"{r['n']:>5} {r['path']:<5} {r['source']:<7} {r['pairs']:>6} ({r['pairs_per_image']:.1f}/img) "
             f"infer {r['infer_s']:7.1f}s{'*' if r['cached'] else ' '} align {r['align_s']:7.1f}s "
             f"(CPU {r['align_cpu_s']:7.1f}s)  "
-            f"RSS infer {r['infer_rss_gb']:.2f} / align {r['align_rss_gb']:.2f} GB  ATE {r['ate_pct']:6.2f}%  "
+            f"RSS infer {r.get('infer_rss_gb', float('nan')):.2f} / align {r['align_rss_gb']:.2f} GB  ATE {r['ate_pct']:6.2f}%  "
             f"RRA {r['rra_mean_deg']:6.2f}/{r['rra_max_deg']:6.2f} deg  edge err med {r['edge_err_median_deg']:5.2f} "
             f"deg (target RRA mean <= {r['target_rra_mean_deg']:.2f}, max < 20: {ok})  rejected {r['edges_rejected']}")
 
