@@ -50,7 +50,9 @@ def estimate_memory(n_images: int, n_edges: int, H: int, W: int, mode: str, stor
         work = n_edges * px * 44 * 4 + n_images * px * 24 * 4
     else:
         chunk = min(n_edges, max(1, (1 << 22) // px)) * px
-        work = chunk * 30 * 4 + n_images * px * 20 * 4
+        # per image: state, world points, targets, median-depth candidates (26 floats a pixel when streaming a
+        # store: the full-resolution maps of the initialisation and depth passes are per image, not per edge)
+        work = chunk * 30 * 4 + n_images * px * (26 if on_disk else 20) * 4
     return int(preds + coarse + work + 256 * 2 ** 20)
 
 
