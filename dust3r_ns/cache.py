@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -183,6 +184,9 @@ def build_reconstruction(paths: Sequence[Path], network, pairs, align_cfg, point
         raise SceneError(f"{label or 'photos'}: global alignment failed ({e}); the model's predictions for these "
                          "photos are unusable: check --model (the bundled model only knows synthetic scenes), the "
                          "photos' overlap, or try --align.mode baseline") from e
+    finally:
+        if preds.store_path is not None:   # (--store disk: the pair store served this alignment only)
+            shutil.rmtree(preds.store_path, ignore_errors=True)
     del preds
     if network.device.startswith("cuda"):
         torch.cuda.empty_cache()  # give the network's memory back before splatting starts

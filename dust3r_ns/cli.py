@@ -35,7 +35,7 @@ class InferConfig:
     images: tyro.conf.Positional[list[Path]]
     """Image files, one folder of images, or one video clip."""
     out: Path = Path("pairs.npz")
-    """Output file with the pair predictions."""
+    """Output file with the pair predictions (with --store disk: the pair store folder)."""
     network: Network = NetworkConfig()
     """Checkpoint and device of the network."""
     pairs: Pairs = PairsConfig()
@@ -47,10 +47,11 @@ class InferConfig:
 def run_infer(cfg: InferConfig) -> PairPredictions | None:
     t0 = time.perf_counter()
     preds = run_pairs(cfg.images, cfg.network, cfg.pairs, video=cfg.video,
-                      shard_dir=cfg.out.resolve().parent / f".{cfg.out.name}.shards")
+                      shard_dir=cfg.out.resolve().parent / f".{cfg.out.name}.shards", store_path=cfg.out)
     if preds is None:   # a torchrun rank other than 0: its share is written, rank 0 saves the whole
         return None
-    preds.save(cfg.out)
+    if not preds.on_disk:   # (a pair store is written at cfg.out as it is decoded)
+        preds.save(cfg.out)
     print(f"wrote {cfg.out}: {preds.n_edges} pairs, mean confidence {preds.mean_confidence():.2f}, "
           f"{time.perf_counter() - t0:.1f} s")
     return preds
@@ -60,7 +61,8 @@ COMMANDS = {"infer": (InferConfig, run_infer), "reconstruct": (ReconstructConfig
             "export": (ExportConfig, run_export)}
 # `dust3r-ns bench NAME`: module of dust3r_ns.bench and its config class (imported only when that bench runs)
 BENCHES = {"inference": "InferenceBenchConfig", "align": "AlignBenchConfig", "model": "ModelEvalConfig",
-           "tracks": "TracksBenchConfig", "robust": "RobustBenchConfig", "splat": "SplatBenchConfig"}
+           "tracks": "TracksBenchConfig", "robust": "RobustBenchConfig", "splat": "SplatBenchConfig",
+           "scale": "ScaleBenchConfig"}
 BENCH_MODULES = {"model": "model_eval"}
 
 

@@ -12,13 +12,14 @@ import contextlib
 import sys
 import types
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from dust3r_ns.images import View
 from dust3r_ns.pairs import graph_edges, is_retrieval, retrieval_edges
-from dust3r_ns.predictions import PairPredictions, PredictionsError, to_storage
+from dust3r_ns.predictions import PairPredictions, PairStoreWriter, PredictionsError, open_store, to_storage
 from dust3r_ns.retrieval import vlad_descriptors
 
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -127,13 +128,20 @@ def inference(pairs, model, device="cpu", batch_size: int = 8, amp=None, verbose
 
 @torch.inference_mode()
 def inference_graph(views: list[View], model, scene_graph: str, device="cpu", batch_size: int = 8, amp=None,
-                    verbose: bool = True, store_dtype: torch.dtype = torch.float32) -> PairPredictions:
+                    verbose: bool = True, store_dtype: torch.dtype = torch.float32,
+                    store_path: str | Path | None = None) -> PairPredictions:
     """Encode every view once, choose the pairs of `scene_graph` (a retrieval graph ranks pairs by VLAD descriptors
-    of the encoder tokens, `retrieval.vlad_descriptors` + `pairs.retrieval_edges`), then decode only those pairs."""
+    of the encoder tokens, `retrieval.vlad_descriptors` + `pairs.retrieval_edges`), then decode only those pairs.
+
+    store_path: write each decoded batch into a pair store folder there (`PairStoreWriter`, in `store_dtype`)
+    instead of keeping the maps in memory; the result then reads them from disk (`open_store`)."""
     views, same = check_views(views)
     device, model = _prepare(model, device, batch_size)
     feats = encode_images(model, views, device, batch_size, amp, verbose)
     pairs = choose_pairs(views, scene_graph, feats)
+    if store_path is not None:
+        return _decode_to_store(model, pairs, views, feats, device, batch_size, amp, verbose, store_dtype,
+                                Path(store_path))
     return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose, store_dtype)
 
 
@@ -197,6 +205,26 @@ def _decode_pairs(model, pairs, views: list[View], same: bool, feats: dict, devi
         bar.update(end - start)
     bar.close()
     return predictions_from_chunks(views, pairs, chunks1, chunks2, same)
+
+
+def _decode_to_store(model, pairs, views: list[View], feats: dict, device: torch.device, batch_size: int, amp,
+                     verbose: bool, store_dtype: torch.dtype, path: Path) -> PairPredictions:
+    """`_decode_pairs` writing batch by batch into a pair store at `path` (memory: one batch of maps)."""
+    H, W = views[0].info.shape
+    edges = [(a.idx, b.idx) for a, b in pairs]
+    bar = tqdm(total=len(pairs), desc="pairs", disable=not verbose, leave=False)
+    try:
+        with PairStoreWriter(path, [v.info for v in views], edges, H, W, store_dtype) as out:
+            for start, end in batches(pairs, batch_size):
+                r1, r2 = decode_batch(model, pairs[start:end], feats, device, amp)
+                out.write(start, dict(pts1=r1["pts3d"], pts2=r2["pts3d_in_other_view"], conf1=r1["conf"],
+                                      conf2=r2["conf"]))
+                bar.update(end - start)
+    except PredictionsError as e:
+        raise ValueError(str(e)) from None
+    finally:
+        bar.close()
+    return open_store(path)
 
 
 @torch.inference_mode()

@@ -53,9 +53,10 @@ class NetworkConfig:
     """Pairs per decoder batch (bounds memory)."""
     amp: Optional[Literal["bf16", "fp16"]] = None
     """Mixed precision for encoder and decoder (heads stay float32); None: float32."""
-    store: Literal["float32", "float16"] = "float32"
+    store: Literal["float32", "float16", "disk"] = "float32"
     """Storage of the pair predictions: float16 halves their memory and files (align them with --align.dtype
-    float16 to keep it halved)."""
+    float16 to keep it halved); disk writes them (float16) into a pair store folder as they are decoded and the
+    alignment streams them from there (for more pairs than memory holds; fast mode on the CPU)."""
 
 
 @dataclass(frozen=True)
@@ -185,13 +186,14 @@ def load_views(images: Sequence[str | Path] | str | Path, pairs: PairsConfig, ne
 
 
 def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConfig = PairsConfig(),
-              verbose: bool = True, video: VideoConfig = VideoConfig(), shard_dir: str | Path | None = None
-              ) -> Optional[PairPredictions]:
+              verbose: bool = True, video: VideoConfig = VideoConfig(), shard_dir: str | Path | None = None,
+              store_path: str | Path | None = None) -> Optional[PairPredictions]:
     """Load the model and the images (or a clip's frames), build the pair graph and run the engine on every pair.
 
     Under torchrun (WORLD_SIZE > 1) the pairs are sharded over the ranks (`distributed.sharded_inference`, shards
     in `shard_dir`, default `.dust3r_shards` in the working folder): rank 0 returns the predictions, the others
-    None."""
+    None. With `network.store` 'disk' the predictions go into a pair store folder at `store_path` (default
+    `.dust3r_pairs` in the working folder; replaced when it exists)."""
     check_image_names(images)
     rank, size = distributed.world()
     device = distributed.rank_device(resolve_device(network.device))
@@ -199,13 +201,18 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
     views = load_views(images, pairs, net, video)
     ordered = isinstance(images, (str, Path)) and is_video(images)   # video frames come in order
     graph = pairs.scene_graph or default_scene_graph(len(views), ordered)
+    on_disk = network.store == "disk"
+    store_dtype = torch.float16 if on_disk else STORE_DTYPES[network.store]
     if size > 1:
+        if on_disk:
+            raise ValueError("--store disk is not available under torchrun; use float16")
         preds = distributed.sharded_inference(views, net, graph, shard_dir or ".dust3r_shards", device=device,
                                               batch_size=network.batch_size, amp=network.amp, verbose=verbose,
-                                              store_dtype=STORE_DTYPES[network.store])
+                                              store_dtype=store_dtype)
     else:
         preds = inference_graph(views, net, graph, device=device, batch_size=network.batch_size, amp=network.amp,
-                                verbose=verbose, store_dtype=STORE_DTYPES[network.store])
+                                verbose=verbose, store_dtype=store_dtype,
+                                store_path=(store_path or ".dust3r_pairs") if on_disk else None)
     if verbose and preds is not None:
         print(f"{len(views)} images, scene graph {graph}: {preds.n_edges} ordered pairs"
               + (f" on {size} processes" if size > 1 else ""), file=sys.stderr)
@@ -393,6 +400,8 @@ def apply_masks(preds: PairPredictions, masks: Sequence[np.ndarray]) -> PairPred
     are shared, confidences copied."""
     if len(masks) != preds.n_images:
         raise MaskError(f"{len(masks)} masks for {preds.n_images} images")
+    if preds.on_disk:
+        raise MaskError(f"{preds.store_path}: photo masks need the pair predictions in memory; use --store float16")
     m = [torch.as_tensor(np.asarray(x, bool)) for x in masks]
 
     def masked(confs, side: int):

@@ -9,11 +9,17 @@ When every image has the same network shape the per-edge maps are stacked tensor
 are lists of per-edge tensors (`uniform` tells which). Predictions can be saved to and loaded from one `.npz`
 (atomic write, versioned, validated on read), and converted to and from the reference implementation's output
 dict (`view1`/`view2`/`pred1`/`pred2`), which survives only as this adapter.
+
+Too many pairs for memory: a pair store on disk (`PairStoreWriter`, `open_store`), a folder of one `.npy` file per
+map kind ([E, H, W, 3] / [E, H, W], edge-major, float16 or float32) plus `meta.npz` (format tag, edges, image
+metadata), written atomically. Its `PairPredictions` hold `DiskMaps`, which read ranges of edges with explicit
+`pread`s into fresh buffers (no memory mapping, so resident memory is the working set, not the files).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -21,7 +27,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-from dust3r_ns.fileio import open_npz, save_npz
+from dust3r_ns.fileio import atomic_dir, open_npz, save_npz
 from dust3r_ns.images import ImageInfo, normalize
 
 FORMAT_KIND = "dust3r_ns.PairPredictions"
@@ -48,6 +54,226 @@ class PredictionsError(ValueError):
 
 def _per_edge(x: Maps, e: int) -> torch.Tensor:
     return x[e]
+
+
+STORE_KIND = "dust3r_ns.PairStore"
+STORE_VERSION = 1
+STORE_MAPS = (("pts1", 3), ("pts2", 3), ("conf1", 0), ("conf2", 0))   # file stem, trailing channels (0: none)
+_NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
+
+
+class DiskMaps:
+    """One map kind of a pair store: an [E, H, W(, 3)] array in a `.npy` file, read by edge ranges.
+
+    Indexing (an int, a slice with step 1, or an integer array / tensor of edges) returns a new CPU tensor in the
+    file's dtype, read with `os.preadv` into a fresh buffer (runs of consecutive edges in one read each)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                major, _minor = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dt = read(f)
+                self.offset = f.tell()
+                size = os.fstat(f.fileno()).st_size
+        except (OSError, ValueError) as e:
+            raise PredictionsError(f"{self.path}: not a readable pair-store array ({type(e).__name__}: "
+                                   f"{str(e)[:80]}); run `dust3r-ns infer` again") from None
+        if fortran or np.dtype(dt) not in (np.float16, np.float32) or len(shape) not in (3, 4):
+            raise PredictionsError(f"{self.path}: not a pair-store array (dtype {dt}, shape {shape}); run "
+                                   "`dust3r-ns infer` again")
+        self.np_dtype = np.dtype(dt)
+        self.shape = torch.Size(shape)
+        self.edge_bytes = int(np.prod(shape[1:])) * self.np_dtype.itemsize
+        if size != self.offset + self.edge_bytes * shape[0]:
+            raise PredictionsError(f"{self.path}: {size} bytes where its header promises "
+                                   f"{self.offset + self.edge_bytes * shape[0]} (truncated or foreign file); run "
+                                   "`dust3r-ns infer` again")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.np_dtype == np.float16 else torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def _read(self, fd: int, a: int, b: int, out: np.ndarray) -> None:
+        """Edges [a, b) into `out` (C-contiguous, (b - a) edges)."""
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        pos, done = self.offset + a * self.edge_bytes, 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got <= 0:
+                raise PredictionsError(f"{self.path}: short read at edge {a} (file changed while reading?)")
+            done += got
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        E = len(self)
+        if isinstance(idx, (int, np.integer)) or (isinstance(idx, torch.Tensor) and idx.dim() == 0):
+            k = int(idx)
+            k = k + E if k < 0 else k
+            if not 0 <= k < E:
+                raise IndexError(f"edge {k} out of range for {E} edges")
+            return self[k:k + 1][0]
+        if isinstance(idx, slice):
+            a, b, step = idx.indices(E)
+            if step != 1:
+                raise IndexError("DiskMaps slices take step 1")
+            out = np.empty((max(0, b - a),) + tuple(self.shape[1:]), self.np_dtype)
+            if b > a:
+                with open(self.path, "rb") as f:
+                    self._read(f.fileno(), a, b, out)
+            return torch.from_numpy(out)
+        ks = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
+        ks = np.where(ks < 0, ks + E, ks)
+        if ks.size and (ks.min() < 0 or ks.max() >= E):
+            raise IndexError(f"edge index out of range for {E} edges")
+        uniq, inv = np.unique(ks, return_inverse=True)
+        buf = np.empty((len(uniq),) + tuple(self.shape[1:]), self.np_dtype)
+        if len(uniq):
+            cuts = np.nonzero(np.diff(uniq) != 1)[0] + 1          # runs of consecutive edges
+            with open(self.path, "rb") as f:
+                for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(uniq)]):
+                    self._read(f.fileno(), int(uniq[lo]), int(uniq[lo]) + int(hi - lo), buf[lo:hi])
+        out = buf if len(uniq) == len(ks) and (inv == np.arange(len(ks))).all() else buf[inv]
+        return torch.from_numpy(np.ascontiguousarray(out))
+
+    def chunks(self, edges_per_chunk: int):
+        """(slice, tensor) over all edges, `edges_per_chunk` at a time."""
+        for a in range(0, len(self), edges_per_chunk):
+            sl = slice(a, min(a + edges_per_chunk, len(self)))
+            yield sl, self[sl]
+
+
+def _chunked(maps, elems: int = 1 << 22):
+    """The tensors of `maps` in pieces of about `elems` values (a stored stack chunk by chunk)."""
+    if isinstance(maps, DiskMaps):
+        per = max(1, elems // max(1, int(np.prod(maps.shape[1:]))))
+        return (t for _, t in maps.chunks(per))
+    return [maps] if isinstance(maps, torch.Tensor) else maps
+
+
+class PairStoreWriter:
+    """Write pair predictions edge range by edge range into a pair store folder (module doc), atomically: the
+    folder appears complete at `path` when the `with` block ends without error; on an error (or when not every
+    edge was written) no folder is left there (an older store at `path` stays as it was).
+
+    with PairStoreWriter(path, images, edges, H, W, torch.float16) as w:
+        w.write(start, {"pts1": ..., "pts2": ..., "conf1": ..., "conf2": ...})   # [b, H, W(, 3)] each
+    """
+
+    def __init__(self, path: str | os.PathLike, images: list[ImageInfo], edges, H: int, W: int,
+                 dtype: torch.dtype = torch.float16) -> None:
+        if dtype not in _NP_DTYPES:
+            raise PredictionsError(f"pair store dtype must be float16 or float32, got {dtype}")
+        self.path, self.images, self.H, self.W, self.dtype = Path(path), images, int(H), int(W), dtype
+        self.edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+        self.written = np.zeros(len(self.edges), bool)
+        self._ctx = None
+        self._files: dict[str, tuple[int, int, int]] = {}    # stem -> (fd, data offset, bytes per edge)
+
+    def __enter__(self) -> "PairStoreWriter":
+        shapes = {im.shape for im in self.images}
+        if shapes != {(self.H, self.W)}:
+            raise PredictionsError(f"a pair store holds one image shape, got {sorted(shapes)}; resize the images to "
+                                   "one size or keep the predictions in memory (--store float16)")
+        self._ctx = atomic_dir(self.path, what="pair store", error=PredictionsError, replace=True)
+        tmp = self._ctx.__enter__()
+        try:
+            save_npz(tmp / "meta.npz", _meta_arrays(self.images, self.edges), STORE_KIND, STORE_VERSION,
+                     "pair store", PredictionsError)
+            E = len(self.edges)
+            for stem, ch in STORE_MAPS:
+                shape = (E, self.H, self.W) + ((ch,) if ch else ())
+                arr = np.lib.format.open_memmap(tmp / f"{stem}.npy", mode="w+", dtype=_NP_DTYPES[self.dtype],
+                                                shape=shape)      # header + sparse file of the full size
+                offset = int(arr.offset)
+                del arr
+                fd = os.open(tmp / f"{stem}.npy", os.O_WRONLY)
+                self._files[stem] = (fd, offset, int(np.prod(shape[1:])) * np.dtype(_NP_DTYPES[self.dtype]).itemsize)
+        except BaseException:
+            self._close(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, start: int, maps: dict) -> None:
+        """Store edges [start, start + b) of each map kind (tensors [b, H, W(, 3)], converted by `to_storage`)."""
+        b = None
+        for stem, ch in STORE_MAPS:
+            t = to_storage({"conf" if not ch else "pts3d": maps[stem]}, self.dtype)["conf" if not ch else "pts3d"]
+            a = np.ascontiguousarray(t.detach().cpu().numpy().astype(_NP_DTYPES[self.dtype], copy=False))
+            if a.shape[1:] != (self.H, self.W) + ((ch,) if ch else ()) or (b is not None and len(a) != b):
+                raise PredictionsError(f"pair store: {stem} batch has shape {a.shape}, expected [b, {self.H}, "
+                                       f"{self.W}{', 3' if ch else ''}]")
+            b = len(a)
+            if not (np.isfinite(a).all() and (ch or (a > 0).all())):
+                raise PredictionsError(f"{self.path}: {stem} of edges {start}..{start + b - 1} holds NaN/inf "
+                                       f"{'' if ch else 'or non-positive '}values; check the network output")
+            fd, offset, per = self._files[stem]
+            view, done = memoryview(a.reshape(-1).view(np.uint8)), 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + start * per + done)
+        self.written[start:start + b] = True
+
+    def _close(self, *exc) -> None:
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files = {}
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(*exc)
+
+    def __exit__(self, et, ev, tb) -> None:
+        if et is None and not self.written.all():
+            missing = np.nonzero(~self.written)[0]
+            err = PredictionsError(f"{self.path}: pair store incomplete, {len(missing)} of {len(self.written)} edges "
+                                   f"never written (first {int(missing[0])})")
+            self._close(PredictionsError, err, None)
+            raise err
+        self._close(et, ev, tb)
+
+
+def _meta_arrays(images: list[ImageInfo], edges: np.ndarray) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {
+        "edges": np.asarray(edges, np.int64).reshape(-1, 2), "names": np.array([im.name for im in images], dtype=np.str_),
+        "paths": np.array([im.path for im in images], dtype=np.str_),
+        "orig_sizes": np.array([im.orig_size for im in images], dtype=np.int64).reshape(-1, 2),
+        "transforms": np.stack([im.transform for im in images]).astype(np.float64),
+    }
+    for k, im in enumerate(images):
+        arrays[f"rgb_{k}"] = im.rgb
+    return arrays
+
+
+def _meta_images(z) -> list[ImageInfo]:
+    names, paths = [str(s) for s in z["names"]], [str(s) for s in z["paths"]]
+    sizes, transforms = z["orig_sizes"], z["transforms"]
+    return [ImageInfo(name=names[k], path=paths[k], orig_size=(int(sizes[k, 0]), int(sizes[k, 1])),
+                      transform=transforms[k].astype(np.float64), rgb=z[f"rgb_{k}"]) for k in range(len(names))]
+
+
+def open_store(path: str | os.PathLike) -> "PairPredictions":
+    """The `PairPredictions` of a pair store folder, its maps as `DiskMaps` (nothing but the metadata is read:
+    headers and file sizes are checked here; values when they are read). PredictionsError names the bad file."""
+    path = Path(path)
+    fix = "run `dust3r-ns infer` again"
+    with open_npz(path / "meta.npz", STORE_KIND, STORE_VERSION, "pair store", fix, PredictionsError) as z:
+        edges = z["edges"]
+        images = _meta_images(z)
+    maps = [DiskMaps(path / f"{stem}.npy") for stem, _ in STORE_MAPS]
+    for (stem, _), m in zip(STORE_MAPS, maps):
+        if len(m) != len(edges) or m.dtype != maps[0].dtype:
+            raise PredictionsError(f"{m.path}: {len(m)} edges of {m.dtype} where meta.npz lists {len(edges)} edges "
+                                   f"of {maps[0].dtype}; {fix}")
+    try:
+        return PairPredictions(images=images, edges=edges, pts1=maps[0], pts2=maps[1], conf1=maps[2], conf2=maps[3])
+    except PredictionsError as e:
+        raise PredictionsError(f"{path}: {e}") from None
 
 
 @dataclass(eq=False)
@@ -80,7 +306,17 @@ class PairPredictions:
     @property
     def uniform(self) -> bool:
         """True when the maps are stacked tensors (all images share one network shape)."""
-        return isinstance(self.pts1, torch.Tensor)
+        return isinstance(self.pts1, (torch.Tensor, DiskMaps))
+
+    @property
+    def on_disk(self) -> bool:
+        """True when the maps are read from a pair store (`DiskMaps`)."""
+        return isinstance(self.pts1, DiskMaps)
+
+    @property
+    def store_path(self) -> Path | None:
+        """The pair store folder the maps are read from (None when they are in memory)."""
+        return self.pts1.path.parent if isinstance(self.pts1, DiskMaps) else None
 
     @property
     def shapes(self) -> np.ndarray:
@@ -105,7 +341,7 @@ class PairPredictions:
         if not seen.all():
             raise PredictionsError(f"images {np.nonzero(~seen)[0].tolist()} appear in no pair; add pairs for them "
                                    "(make_pairs over all views)")
-        stacked = [isinstance(m, torch.Tensor) for m in (self.pts1, self.pts2, self.conf1, self.conf2)]
+        stacked = [isinstance(m, (torch.Tensor, DiskMaps)) for m in (self.pts1, self.pts2, self.conf1, self.conf2)]
         if any(stacked) != all(stacked):
             raise PredictionsError("point maps and confidences must be all stacked tensors or all lists")
         shapes = self.shapes
@@ -129,11 +365,11 @@ class PairPredictions:
     def check_values(self) -> None:
         """Raise when a point map holds NaN/inf or a confidence is non-finite or below 1."""
         for key, maps in (("pts1", self.pts1), ("pts2", self.pts2)):
-            for m in ([maps] if self.uniform else maps):
+            for m in _chunked(maps):
                 if not bool(torch.isfinite(m).all()):
                     raise PredictionsError(f"{key} contains NaN/inf values; check the network output (fp16 overflow?)")
         for key, maps in (("conf1", self.conf1), ("conf2", self.conf2)):
-            for m in ([maps] if self.uniform else maps):
+            for m in _chunked(maps):
                 if not bool((torch.isfinite(m) & (m > 0)).all()):
                     raise PredictionsError(f"{key} has non-finite or non-positive values; confidences are 1 + exp(x)")
 
@@ -143,11 +379,12 @@ class PairPredictions:
         return (self.pts1 if self.uniform else self.pts1[0]).dtype
 
     def astype(self, dtype: torch.dtype) -> "PairPredictions":
-        """A copy with the maps stored in `dtype` (see `to_storage`)."""
+        """A copy with the maps stored in `dtype` (see `to_storage`); a pair store's maps are read into memory."""
         conv = lambda m, key: to_storage({key: m}, dtype)[key]  # noqa: E731
         maps = {}
         for name, key in (("pts1", "pts3d"), ("pts2", "pts3d"), ("conf1", "conf"), ("conf2", "conf")):
             m = getattr(self, name)
+            m = m[:] if isinstance(m, DiskMaps) else m
             maps[name] = conv(m, key) if self.uniform else [conv(t, key) for t in m]
         return PairPredictions(images=self.images, edges=self.edges, **maps)
 
@@ -159,10 +396,8 @@ class PairPredictions:
 
     def mean_confidence(self) -> float:
         """Mean of conf1 over all pairs and pixels."""
-        if self.uniform:
-            return float(self.conf1.float().mean())
-        total = sum(float(c.float().sum()) for c in self.conf1)
-        return total / max(1, sum(c.numel() for c in self.conf1))
+        total = sum(float(c.float().sum()) for c in _chunked(self.conf1))
+        return total / max(1, self.conf1.shape.numel() if self.uniform else sum(c.numel() for c in self.conf1))
 
     # ------------------------------------------------------------------ reference adapter
     def to_reference(self) -> dict:
@@ -231,19 +466,12 @@ class PairPredictions:
     def save(self, path: str | os.PathLike) -> Path:
         """Write one `.npz` atomically: format tag, edges, per-image metadata and colours, the maps (stacked
         arrays when uniform, else one array per edge and side)."""
-        arrays: dict[str, np.ndarray] = {
-            "edges": self.edges, "names": np.array(self.names, dtype=np.str_),
-            "paths": np.array([im.path for im in self.images], dtype=np.str_),
-            "orig_sizes": np.array([im.orig_size for im in self.images], dtype=np.int64).reshape(-1, 2),
-            "transforms": np.stack([im.transform for im in self.images]).astype(np.float64),
-            "uniform": np.array(self.uniform),
-        }
-        for k, im in enumerate(self.images):
-            arrays[f"rgb_{k}"] = im.rgb
+        arrays = _meta_arrays(self.images, self.edges)
+        arrays["uniform"] = np.array(self.uniform)
         for key in ("pts1", "pts2", "conf1", "conf2"):
             maps = getattr(self, key)
             if self.uniform:
-                arrays[key] = maps.detach().cpu().numpy()
+                arrays[key] = (maps[:] if isinstance(maps, DiskMaps) else maps).detach().cpu().numpy()
             else:
                 for e, m in enumerate(maps):
                     arrays[f"{key}_{e}"] = m.detach().cpu().numpy()
@@ -251,16 +479,15 @@ class PairPredictions:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PairPredictions":
-        """Read a file written by `save`; raise PredictionsError naming the file when it is not one or is damaged."""
+        """Read a file written by `save` (or open a pair store folder, `open_store`); raise PredictionsError naming
+        the file when it is not one or is damaged."""
         path = Path(path)
+        if path.is_dir():
+            return open_store(path)
         with open_npz(path, FORMAT_KIND, FORMAT_VERSION, "pair predictions", "run `dust3r-ns infer` again",
                       PredictionsError) as z:
             edges = z["edges"]
-            names, paths = [str(s) for s in z["names"]], [str(s) for s in z["paths"]]
-            sizes, transforms = z["orig_sizes"], z["transforms"]
-            images = [ImageInfo(name=names[k], path=paths[k], orig_size=(int(sizes[k, 0]), int(sizes[k, 1])),
-                                transform=transforms[k].astype(np.float64), rgb=z[f"rgb_{k}"])
-                      for k in range(len(names))]
+            images = _meta_images(z)
             if bool(z["uniform"]):
                 maps = [torch.from_numpy(z[key]) for key in ("pts1", "pts2", "conf1", "conf2")]
             else:

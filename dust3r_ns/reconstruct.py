@@ -68,7 +68,10 @@ class ReconstructConfig:
 
 
 def predictions_input(images: list[Path]) -> Path | None:
-    """The pair predictions file when the input is one `.npz`, else None (photos)."""
+    """The pair predictions file when the input is one `.npz` or a pair store folder (`dust3r-ns infer
+    --store disk`), else None (photos)."""
+    if len(images) == 1 and images[0].is_dir() and (images[0] / "meta.npz").is_file():
+        return images[0]
     return images[0] if len(images) == 1 and images[0].suffix == ".npz" else None
 
 

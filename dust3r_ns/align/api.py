@@ -18,7 +18,7 @@ from .data import AlignError, PairData, as_predictions, pair_data
 from .edges import fit_edges
 from .fast import POLISH_ITER, auto_stride, solve_fast
 from .init import mst_init
-from .problem import Constraints, State, apply_known_poses, objective, sub_depth
+from .problem import Constraints, State, apply_known_poses, edge_chunks, objective, sub_depth
 from .robust import detect_outliers, drop_edges, misfit_outliers, readmit_edges, restore_edges
 
 
@@ -37,23 +37,29 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def estimate_memory(n_images: int, n_edges: int, H: int, W: int, mode: str, store_bytes: int = 4) -> int:
-    """Rough peak bytes of an alignment run (pair stacks + solver working set)."""
+def estimate_memory(n_images: int, n_edges: int, H: int, W: int, mode: str, store_bytes: int = 4,
+                    on_disk: bool = False) -> int:
+    """Rough peak bytes of an alignment run: the pair stacks (none for a pair store on disk, whose maps are read
+    chunk by chunk) + their coarse copies + the solver's working set (per-image maps and one chunk of edges)."""
     px = H * W
-    preds = n_edges * px * 8 * store_bytes
+    s = auto_stride(H, W)
+    coarse = n_edges * -(-H // s) * -(-W // s) * 8 * (4 if on_disk else store_bytes)
+    preds = 0 if on_disk else n_edges * px * 8 * store_bytes
     if mode == "baseline":
         # autograd keeps float copies, transformed maps, gathered world points, differences and gradients per edge
         work = n_edges * px * 44 * 4 + n_images * px * 24 * 4
     else:
         chunk = min(n_edges, max(1, (1 << 22) // px)) * px
-        work = chunk * 30 * 4 + n_images * px * 20 * 4
-    return int(preds + work + 256 * 2 ** 20)
+        # per image: state, world points, targets, median-depth candidates (26 floats a pixel when streaming a
+        # store: the full-resolution maps of the initialisation and depth passes are per image, not per edge)
+        work = chunk * 30 * 4 + n_images * px * (26 if on_disk else 20) * 4
+    return int(preds + coarse + work + 256 * 2 ** 20)
 
 
-def _suggest_graph(n: int, budget: int, H: int, W: int, mode: str, store_bytes: int) -> str:
+def _suggest_graph(n: int, budget: int, H: int, W: int, mode: str, store_bytes: int, on_disk: bool) -> str:
     for k in (10, 8, 6, 5, 4, 3, 2, 1):
         e = 2 * n * k
-        if estimate_memory(n, e, H, W, mode, store_bytes) < budget:
+        if estimate_memory(n, e, H, W, mode, store_bytes, on_disk) < budget:
             return f"scene_graph='swin-{k}' (~{e} pairs)"
     return "fewer images or a smaller image size (224)"
 
@@ -138,13 +144,26 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     N, n_pairs = preds.n_images, preds.n_edges
     H, W = (int(x) for x in preds.shapes.max(0))
     store_bytes = torch.empty((), dtype=dtype).element_size()
-    need = estimate_memory(N, n_pairs, H, W, mode, store_bytes)
+    on_disk = preds.on_disk
+    if on_disk and mode != "fast":
+        raise AlignError("predictions in a pair store on disk align in mode='fast' only; use --align.mode fast or "
+                         "keep them in memory (--store float16)")
+    need = estimate_memory(N, n_pairs, H, W, mode, store_bytes, on_disk)
     budget = cfg.memory_limit_bytes if cfg.memory_limit_bytes is not None else available_memory(dev)
     if budget is not None and need > budget:
+        fixes = [_suggest_graph(N, budget, H, W, mode, store_bytes, on_disk)]
+        if not on_disk:
+            fixes.append("dtype=torch.float16")
+            if mode == "fast" and estimate_memory(N, n_pairs, H, W, mode, store_bytes, True) <= budget:
+                fixes.append("a pair store on disk (--store disk)")
+        if mode != "fast":
+            fixes.append("mode='fast'")
         raise AlignError(
             f"global alignment ({mode}) of {N} images / {n_pairs} pairs at {H}x{W} needs ~{need / 2**30:.1f} GiB but only "
-            f"{budget / 2**30:.1f} GiB is available; use {_suggest_graph(N, budget, H, W, mode, store_bytes)}, "
-            "dtype=torch.float16, or mode='fast'")
+            f"{budget / 2**30:.1f} GiB is available; use " + (", ".join(fixes[:-1]) + ", or " if len(fixes) > 1 else "")
+            + fixes[-1])
+    # a pair store on disk: the full-resolution maps are read chunk by chunk in every pass over the edges, so the
+    # solve stops after the coarse phase and the full-resolution depth passes (no full-resolution polish)
     data = pair_data(preds, dev, dtype)
     del preds
     cons = _constraints(data, cfg.shared_focal, known_K, K_space, known_c2w, cfg.optimize_pp, dev)
@@ -171,7 +190,7 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     if N > 2:
         if mode == "fast":
             fast_opts = dict(max_iter=100 if niter is None else niter, tol=cfg.tol, coarse=coarse, verbose=verbose,
-                             polish_iter=0 if cons.pose_mask is not None else POLISH_ITER)
+                             polish_iter=0 if cons.pose_mask is not None or data.on_disk else POLISH_ITER)
             stats = solve_fast(data, st, free, **fast_opts)
 
             def resume() -> None:      # the solve continued after the edge set changed
@@ -256,8 +275,9 @@ def _to_reconstruction(data: PairData, st: State, cons: Constraints) -> Reconstr
     conf = torch.ones(N, H, W, device=st.depth.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*index_reduce.*")
-        conf.index_reduce_(0, data.edges[:, 0], data.conf(1), "amax")
-        conf.index_reduce_(0, data.edges[:, 1], data.conf(2), "amax")
+        for sl in edge_chunks(data):
+            conf.index_reduce_(0, data.edges[sl, 0], data.conf(1, sl), "amax")
+            conf.index_reduce_(0, data.edges[sl, 1], data.conf(2, sl), "amax")
     K = np.zeros((N, 3, 3))
     f = st.focal.double().cpu().numpy()
     pp = st.pp.double().cpu().numpy()

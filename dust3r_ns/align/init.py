@@ -109,7 +109,7 @@ def mst_init(data: PairData, cons: Constraints, verbose: bool = False, coarse: P
     has_first = torch.as_tensor(first >= 0, device=dev)
     idx_first = torch.as_tensor(np.where(first >= 0, first, 0), device=dev)
     pc = data.pts1[idx_first].float()                             # [N, H, W, 3] camera-frame points
-    wc = data.weights(1)[idx_first] if N > 0 else None
+    wc = data.weights(1, idx_first) if N > 0 else None
     valid = data.valid()
     f_est = estimate_focal(pc, pp, (wc + 1e-6) * valid, shapes=shapes_t)
     s, R, t = umeyama(pc.reshape(N, -1, 3), Xw.reshape(N, -1, 3), (data.conf(1, idx_first) * valid).reshape(N, -1))

@@ -13,7 +13,7 @@ from dust3r_ns import geometry
 
 from .scene import Box, Cylinder, Scene, Sphere, objects_center
 
-BASELINE_DEG = {"small": 10.0, "moderate": 45.0, "wide": 120.0}
+BASELINE_DEG = {"small": 10.0, "moderate": 45.0, "wide": 120.0, "loop": 350.0}
 _WORLD_UP = np.array([0.0, 0.0, 1.0])
 _WALL_MARGIN = 0.3
 _OBJECT_CLEARANCE = 0.6
@@ -86,7 +86,8 @@ def camera_path(scene: Scene, n: int, baseline: str = "moderate", seed: int = 0,
                 focal_range: tuple[float, float] = (0.8, 1.2)) -> tuple[np.ndarray, np.ndarray]:
     """n cameras on a horizontal arc around the objects' centre, looking at it (jittered heights and aim points).
 
-    baseline: total arc 'small' 10 deg, 'moderate' 45 deg, 'wide' 120 deg; radius: the objects' extent around the
+    baseline: total arc 'small' 10 deg, 'moderate' 45 deg, 'wide' 120 deg, 'loop' 350 deg (nearly a full circle);
+    radius: the objects' extent around the
     centre + 1.6-2.4 m (shrunk where the room is too small; cameras always keep 0.6 m from every object).
     Each camera gets its own focal f = U(focal_range) * max(H, W); principal point (W/2, H/2).
     Returns (c2w (n,4,4) float64 OpenCV camera-to-world, K (n,3,3) float64). Deterministic per (scene, seed).
