@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,16 +168,27 @@ def reconstruction_options(network, pairs, align, points, inputs: Optional[dict]
 
 
 def build_reconstruction(paths: Sequence[Path], network, pairs, align_cfg, points, label: str = "", cameras=None,
-                         masks=None, photo_folder: Optional[Path] = None):
+                         masks=None, photo_folder: Optional[Path] = None, store_dir: Optional[Path] = None):
     """Pair inference + global alignment of `paths` (in order), with known `cameras` and photo `masks`
-    (`pipeline.align_inputs`; masks looked for in `photo_folder`); SceneError when the alignment fails."""
+    (`pipeline.align_inputs`; masks looked for in `photo_folder`); SceneError when the alignment fails.
+    With `network.store` 'disk' the pair store lives in a private folder under `store_dir` (the cache folder;
+    default: the working folder) and is removed after the alignment, whatever happens."""
     import torch
 
     from dust3r_ns.pipeline import CamerasConfig, MasksConfig, align_inputs, resolve_device, run_pairs
 
     network = dataclasses.replace(network, device=resolve_device(network.device))
     print(f"dust3r: reconstructing {len(paths)} photos on {network.device} (cached afterwards)", file=sys.stderr)
-    preds = run_pairs([str(p) for p in paths], network, pairs)
+    tmp = None
+    if network.store == "disk":
+        Path(store_dir or ".").mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".pairs-", dir=store_dir or "."))
+    try:
+        preds = run_pairs([str(p) for p in paths], network, pairs, store_path=tmp / "pairs" if tmp else None)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         rec = align_inputs(preds, align_cfg, points, cameras or CamerasConfig(), masks or MasksConfig(),
                            network.device, photo_folder=photo_folder)
@@ -185,8 +197,8 @@ def build_reconstruction(paths: Sequence[Path], network, pairs, align_cfg, point
                          "photos are unusable: check --model (the bundled model only knows synthetic scenes), the "
                          "photos' overlap, or try --align.mode baseline") from e
     finally:
-        if preds.store_path is not None:   # (--store disk: the pair store served this alignment only)
-            shutil.rmtree(preds.store_path, ignore_errors=True)
+        if tmp is not None:   # (--store disk: the pair store served this alignment only)
+            shutil.rmtree(tmp, ignore_errors=True)
     del preds
     if network.device.startswith("cuda"):
         torch.cuda.empty_cache()  # give the network's memory back before splatting starts

@@ -132,11 +132,12 @@ def run(cfg: ReconstructConfig) -> Reconstruction | None:
             inputs = inputs_fingerprint(cfg.cameras, masks_folder(cfg.masks, [], folder),
                                         [ph.path.name for ph in photos])
         options = reconstruction_options(network, cfg.pairs, cfg.align, cfg.points, inputs)
+        cache_dir = cache_dir_for(photos, cfg.cache)
         scene = load_or_build(
-            photos, cache_dir_for(photos, cfg.cache), model_identity(model), options,
+            photos, cache_dir, model_identity(model), options,
             lambda paths: build_reconstruction(paths, network, cfg.pairs, cfg.align, cfg.points,
                                                label=", ".join(str(p) for p in cfg.images), cameras=cfg.cameras,
-                                               masks=cfg.masks, photo_folder=folder),
+                                               masks=cfg.masks, photo_folder=folder, store_dir=cache_dir),
             use_cache=cfg.cache.use_cache)
         rec = scene.rec
         sources = [ph.path for ph in photos]

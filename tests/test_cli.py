@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,30 @@ def test_infer_writes_pairs(tiny_model, photos, tmp_path):
     assert preds.pts1.shape == (6, 224, 224, 3) and preds.conf2.shape == (6, 224, 224)
     assert preds.edges[:, 0].tolist() == [1, 2, 2, 0, 0, 1]
     assert preds.names == ["p0.png", "p1.png", "p2.png"] and preds.images[1].path == str(photos / "p1.png")
+
+
+def test_reconstruct_with_disk_store_cleans_up(tiny_model, photos, tmp_path, monkeypatch):
+    # --store disk: the pair store is written under the cache folder (not the working folder) and removed after
+    # the alignment
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cache = tmp_path / "cache"
+    import dust3r_ns.pipeline as pipeline
+    seen, engine = [], pipeline.inference_graph
+
+    def spy(*args, store_path=None, **kw):
+        seen.append(store_path)
+        return engine(*args, store_path=store_path, **kw)
+
+    monkeypatch.setattr(pipeline, "inference_graph", spy)
+    args = ["reconstruct", str(photos), "--model", tiny_model, "--cache-dir", str(cache), "--no-use-cache"]
+    assert main(args + ["--out", str(tmp_path / "disk"), "--store", "disk"]) == 0
+    assert main(args + ["--out", str(tmp_path / "ram"), "--store", "float16"]) == 0
+    assert seen[0] is not None and Path(seen[0]).parent.parent == cache and seen[1] is None
+    assert list(work.iterdir()) == [] and not list(cache.glob(".pairs-*"))
+    a = Reconstruction.load(tmp_path / "disk" / "reconstruction.npz")
+    assert a.c2w.shape == (3, 4, 4) and np.isfinite(a.c2w).all() and a.meta["polish_iterations"] == 0
 
 
 def test_infer_output_feeds_reconstruct(tiny_model, photos, tmp_path):

@@ -140,10 +140,11 @@ class Dust3rDataParser(DataParser):
         names = [p.name for p in sorted(folder.iterdir())] if folder.is_dir() else []
         return inputs_fingerprint(c.cameras, self._mask_dir(), names)
 
-    def _build(self, model: str, paths: list[Path]):
+    def _build(self, model: str, paths: list[Path], cache_dir: Path):
         c = self.config
         return build_reconstruction(paths, dataclasses.replace(c.network, model=model), c.pairs, c.align, c.points,
-                                    label=str(c.data), cameras=c.cameras, masks=c.masks, photo_folder=self._photos())
+                                    label=str(c.data), cameras=c.cameras, masks=c.masks, photo_folder=self._photos(),
+                                    store_dir=cache_dir)
 
     def get_scene(self) -> CachedScene:
         """The reconstruction of `data`: a saved one, or the (cached) one of the photo folder; once per parser."""
@@ -156,8 +157,9 @@ class Dust3rDataParser(DataParser):
             photos = list_images(self._photos())
             model = c.network.model or default_model_source()
             options = reconstruction_options(c.network, c.pairs, c.align, c.points, self._inputs_options())
-            self.scene = load_or_build(photos, cache_dir_for(photos, c.cache), model_identity(model), options,
-                                       lambda paths: self._build(model, paths), use_cache=c.cache.use_cache)
+            cache_dir = cache_dir_for(photos, c.cache)
+            self.scene = load_or_build(photos, cache_dir, model_identity(model), options,
+                                       lambda paths: self._build(model, paths, cache_dir), use_cache=c.cache.use_cache)
         return self.scene
 
     def downscale(self) -> int:
