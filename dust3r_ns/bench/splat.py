@@ -81,7 +81,7 @@ class SplatBenchConfig:
     register_lr: float = 2e-3
     """Learning rate of the registration at the finest level (rotation in radians, translation in scene units); a
     level reduced by factor f uses register_lr x f / (the last level's factor)."""
-    register_downscale: list[int] = field(default_factory=lambda: [4, 2])
+    register_downscale: list[int] = field(default_factory=lambda: [8, 4, 2])
     """Registration pyramid, coarse to fine: each level compares renders and held-out images reduced by its factor
     (area average), starting from the previous level's pose; metrics are computed at full size. A single 2 with
     60 steps is the protocol before coarse-to-fine registration."""
