@@ -90,7 +90,7 @@ class FakeBuild:
 @pytest.fixture
 def fake_build(monkeypatch):
     fb = FakeBuild()
-    monkeypatch.setattr(Dust3rDataParser, "_build", lambda self, model, paths: fb(self, model, paths))
+    monkeypatch.setattr(Dust3rDataParser, "_build", lambda self, model, paths, *_: fb(self, model, paths))
     return fb
 
 
@@ -156,7 +156,7 @@ def test_seed_points_project_onto_source_pixels(tmp_path, fake_build):
 def test_scale_when_cameras_do_not_move(tmp_path, monkeypatch):
     """Cameras at one spot (rotation-only capture): the scale comes from the points, not from ~0 translations."""
     fb = FakeBuild(same_pose=True)
-    monkeypatch.setattr(Dust3rDataParser, "_build", lambda self, model, paths: fb(self, model, paths))
+    monkeypatch.setattr(Dust3rDataParser, "_build", lambda self, model, paths, *_: fb(self, model, paths))
     data = tmp_path / "photos"
     write_photos(data, 3)
     out = parser_for(data, tmp_path, eval_mode="all").get_dataparser_outputs("train")
@@ -240,7 +240,7 @@ def test_exif_rotated_photo_gets_upright_copy(tmp_path, monkeypatch):
     exif[0x0112] = 6
     raw.save(data / "img_02.jpg", exif=exif.tobytes())
     fb = FakeBuild()
-    monkeypatch.setattr(Dust3rDataParser, "_build", lambda self, model, paths: fb(self, model, paths))
+    monkeypatch.setattr(Dust3rDataParser, "_build", lambda self, model, paths, *_: fb(self, model, paths))
     p = parser_for(data, tmp_path, eval_mode="all")
     out = p.get_dataparser_outputs("train")
     files = out.image_filenames

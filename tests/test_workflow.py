@@ -479,7 +479,7 @@ def test_two_dataparsers_finishing_the_same_entry(tmp_path, monkeypatch):
     write_photos(data, 3)
     calls = []
 
-    def build(self, model, paths):
+    def build(self, model, paths, *_):
         calls.append(len(calls))
         if len(calls) == 1:  # the "other process" finishes first, during our computation
             other = parser_config(data, MODEL, conf_thr=1.5, cache_dir=tmp_path / "cache").setup()
