@@ -84,7 +84,9 @@ def _graph(n: int, graph: str) -> str:
     return default_scene_graph(n) if graph == "default" else graph
 
 
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """`arrays` into an `.npz` at `path`, atomically (the benchmarks' caches)."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -92,7 +94,8 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, write, "benchmark cache", ValueError)
 
 
-def _gt_of(views: list[dict]) -> dict:
+def gt_of(views: list[dict]) -> dict:
+    """Ground truth of rendered views: c2w (n,4,4), K (n,3,3), depth (n,H,W), valid (n,H,W)."""
     return dict(c2w=np.stack([v["c2w"] for v in views]), K=np.stack([v["K"] for v in views]),
                 depth=np.stack([v["depth"] for v in views]), valid=np.stack([v["valid"] for v in views]))
 
@@ -116,9 +119,9 @@ def network_case(cfg: RobustBenchConfig, n: int, graph: str) -> tuple[PairPredic
         return PairPredictions.load(pred_path), gt
     t0 = time.perf_counter()
     views, _, _ = render_orbit(n, cfg.size, cfg.size, cfg.baseline, cfg.seed)
-    gt = _gt_of(views)
+    gt = gt_of(views)
     root.mkdir(parents=True, exist_ok=True)
-    _write_npz(gt_path, **gt)
+    write_npz(gt_path, **gt)
     t1 = time.perf_counter()
     net = load_model(source)
     vs = [make_view(k, rgb=v["rgb"]) for k, v in enumerate(views)]
@@ -135,7 +138,7 @@ def oracle_case(cfg: RobustBenchConfig) -> tuple[PairPredictions, dict, np.ndarr
     views, _, _ = render_orbit(cfg.oracle_n, H, W, cfg.baseline, cfg.seed)
     edges = graph_edges(cfg.oracle_n, _graph(cfg.oracle_n, cfg.oracle_graph), symmetrize=True)
     out = synth.oracle_pairs(views, edges, seed=cfg.seed)
-    return PairPredictions.from_reference(out, n_images=cfg.oracle_n), _gt_of(views), np.asarray(edges)
+    return PairPredictions.from_reference(out, n_images=cfg.oracle_n), gt_of(views), np.asarray(edges)
 
 
 # ------------------------------------------------------------------------------------------------ measures

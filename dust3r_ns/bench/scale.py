@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from dust3r_ns.bench.common import run_isolated
-from dust3r_ns.bench.robust import _gt_of, _write_npz, edge_rotation_errors, render_orbit
+from dust3r_ns.bench.robust import edge_rotation_errors, gt_of, render_orbit, write_npz
 from dust3r_ns.fileio import atomic_write
 from dust3r_ns.pairs import default_scene_graph
 
@@ -108,9 +108,9 @@ def _gt(cfg: ScaleBenchConfig, n: int, path: str, views: list[dict] | None = Non
     if gt_path.exists():
         with np.load(gt_path) as z:
             return {k: z[k] for k in z.files}
-    gt = _gt_of(views if views is not None else _views(cfg, n, path))
+    gt = gt_of(views if views is not None else _views(cfg, n, path))
     gt_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_npz(gt_path, **gt)
+    write_npz(gt_path, **gt)
     return gt
 
 
