@@ -41,7 +41,9 @@ class InferenceBenchConfig:
     """Optional path for the results as JSON."""
 
 
-def _model(tiny: bool, name: str):
+def bench_model(tiny: bool, name: str):
+    """An official architecture (`name` = '224_linear', '512_linear', '512_dpt') with seeded random weights, in eval
+    mode; `tiny`: the same heads on a small encoder/decoder."""
     from dust3r_ns.model.network import AsymmetricCroCo3DStereo
 
     torch.manual_seed(0)
@@ -78,7 +80,7 @@ def _measure(mode: str, n: int, cfg: InferenceBenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = torch.device(cfg.device)
-    model = _model(cfg.tiny, cfg.model).to(dev)
+    model = bench_model(cfg.tiny, cfg.model).to(dev)
     pairs = _pairs(n, cfg.size)
     res = {"mode": mode, "n": n, "pairs": len(pairs)}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

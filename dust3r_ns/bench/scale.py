@@ -244,14 +244,14 @@ def measure_decode(name: str, size: str, batch: int, threads: int) -> dict:
     `batch` pairs adds (peak RSS of the decode over the RSS before it) for an official architecture, random
     weights, float32, inference mode, on the CPU."""
     from dust3r_ns.bench.common import parse_hw
-    from dust3r_ns.bench.inference import _model
+    from dust3r_ns.bench.inference import bench_model
     from dust3r_ns.images import make_view
     from dust3r_ns.inference import decode_batch, encode_images
 
     if threads > 0:
         torch.set_num_threads(threads)
     H, W = parse_hw(size)
-    model = _model(False, name)
+    model = bench_model(False, name)
     views = [make_view(k, img=torch.rand(1, 3, H, W) * 2 - 1) for k in range(2)]
     feats = encode_images(model, views, "cpu", batch_size=1)
     feat_bytes = sum(t.numel() * t.element_size() for t in feats[0])

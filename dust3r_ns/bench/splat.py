@@ -269,9 +269,7 @@ def downscaled(K: np.ndarray, image: torch.Tensor, factor: int) -> tuple[np.ndar
         return np.asarray(K, np.float64), image
     H, W = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
     small = torch.nn.functional.avg_pool2d(image[:H, :W].permute(2, 0, 1)[None], factor)[0].permute(1, 2, 0)
-    Ks = np.array(K, np.float64, copy=True)
-    Ks[:2, :2] /= factor
-    Ks[:2, 2] = (Ks[:2, 2] + 0.5) / factor - 0.5
+    Ks = cv.K_orig_to_net(K, np.array([1.0 / factor, 1.0 / factor, 0.0, 0.0]))   # a resize is a crop transform
     return Ks, small.contiguous()
 
 
