@@ -42,6 +42,18 @@ def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
     return np.degrees(2 * np.arcsin(np.clip(d, 0.0, 1.0)))
 
 
+def relative_rotation_errors(c2w_est: np.ndarray, c2w_gt: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """(P,) degrees: for each pair (i, j) of `pairs` [P, 2], the angle of (R_i^T R_j)_est^T (R_i^T R_j)_gt (frame-free).
+    Over all ordered pairs this is the RRA of `pose_metrics`; over a pair graph's own edges it compares a solution
+    with the relative rotations its edges predicted."""
+    est, gt = _check_poses(c2w_est, "c2w_est"), _check_poses(c2w_gt, "c2w_gt")
+    i, j = np.asarray(pairs, np.int64).reshape(-1, 2).T
+    Re, Rg = est[:, :3, :3], gt[:, :3, :3]
+    rel_e = np.swapaxes(Re[i], -1, -2) @ Re[j]
+    rel_g = np.swapaxes(Rg[i], -1, -2) @ Rg[j]
+    return rotation_angle_deg(np.swapaxes(rel_e, -1, -2) @ rel_g)
+
+
 def pose_metrics(c2w_est: np.ndarray, c2w_gt: np.ndarray) -> dict:
     """Camera pose errors of an estimate against ground truth (same order, N >= 2).
 
@@ -63,9 +75,7 @@ def pose_metrics(c2w_est: np.ndarray, c2w_gt: np.ndarray) -> dict:
     n = len(gt)
     i, j = np.array([(a, b) for a in range(n) for b in range(n) if a != b]).T
     Re, Rg = est[:, :3, :3], gt[:, :3, :3]
-    rel_e = np.swapaxes(Re[i], -1, -2) @ Re[j]
-    rel_g = np.swapaxes(Rg[i], -1, -2) @ Rg[j]
-    rra = rotation_angle_deg(np.swapaxes(rel_e, -1, -2) @ rel_g)
+    rra = relative_rotation_errors(est, gt, np.stack([i, j], -1))
     te = (np.swapaxes(Re[i], -1, -2) @ (Ce[j] - Ce[i])[..., None])[..., 0]
     tg = (np.swapaxes(Rg[i], -1, -2) @ (Cg[j] - Cg[i])[..., None])[..., 0]
     rta = np.degrees(np.arctan2(np.linalg.norm(np.cross(te, tg), axis=-1), (te * tg).sum(-1)))

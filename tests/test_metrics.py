@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from dust3r_ns.metrics import depth_abs_rel, focal_error_pct, pose_metrics, rotation_angle_deg, umeyama_sim3
+from dust3r_ns.metrics import (depth_abs_rel, focal_error_pct, pose_metrics, relative_rotation_errors, rotation_angle_deg,
+                               umeyama_sim3)
 
 
 def _rot(axis, deg):
@@ -90,3 +91,21 @@ def test_focal_and_depth():
     assert depth_abs_rel([est, 2 * gt], [gt, gt], [valid, valid]) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="no valid"):
         depth_abs_rel(est, gt, np.zeros(10, bool))
+
+
+def test_relative_rotation_errors_over_all_pairs_is_the_rra_and_frame_free():
+    gt = _cams(6, seed=3)
+    g = np.random.default_rng(3)
+    est = gt.copy()
+    for k in range(len(gt)):
+        est[k, :3, :3] = gt[k, :3, :3] @ _rot(g.normal(size=3), g.uniform(1, 5))
+    n = len(gt)
+    pairs = np.array([(a, b) for a in range(n) for b in range(n) if a != b])
+    err = relative_rotation_errors(est, gt, pairs)
+    assert err.shape == (n * (n - 1),) and (err > 0).all()
+    assert err.mean() == pytest.approx(pose_metrics(est, gt)["rra_mean_deg"], rel=1e-12)
+    # a rotation of the whole estimated world changes nothing; a pair (i, i) has no error
+    G = np.eye(4)
+    G[:3, :3] = _rot([0.3, -1.0, 0.4], 40)
+    np.testing.assert_allclose(relative_rotation_errors(G @ est, gt, pairs), err, atol=1e-9)
+    assert relative_rotation_errors(est, gt, np.array([[2, 2]]))[0] == pytest.approx(0.0, abs=1e-9)

@@ -11,7 +11,7 @@ import torch
 from dust3r_ns.align import AlignConfig, global_align
 from dust3r_ns.align.robust import (chain_rotations, consensus_rotations, keep_structure, reject_edges,
                                     rotation_residuals, spanning_tree)
-from dust3r_ns.bench.robust import edge_rotation_errors, inject_gross_edges, render_orbit
+from dust3r_ns.bench.robust import angle_ratios, edge_rotation_errors, inject_gross_edges, render_orbit
 from dust3r_ns.geometry import so3_exp
 from dust3r_ns.metrics import pose_metrics
 from dust3r_ns.pairs import graph_edges
@@ -203,3 +203,12 @@ def test_alignment_readmits_good_edges_that_an_over_eager_consensus_rejected(orb
     stay = global_align(bad, AlignConfig().replace(robust=dataclasses.replace(AlignConfig().robust, readmit=False)),
                         verbose=False)
     assert stay.meta["edges_readmitted"] == 0 and stay.meta["edges_rejected"] >= mask.sum() + extra.sum()
+
+
+def test_angle_ratios_read_a_systematic_over_rotation_per_bin():
+    true = np.array([2.0, 4.0, 7.0, 15.0, 30.0, 60.0, 90.0])
+    pred = true * np.array([1.8, 1.8, 1.3, 1.2, 1.1, 1.0, 0.1])
+    err = np.abs(pred - true)
+    out = angle_ratios(pred, true, err, gross_deg=45.0)
+    assert out["0-5"] == pytest.approx(1.8) and out["5-10"] == pytest.approx(1.3)
+    assert out["20-40"] == pytest.approx(1.1) and out["40-180"] == pytest.approx(1.0)   # the gross edge is left out

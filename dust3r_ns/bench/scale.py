@@ -15,7 +15,8 @@ Reported per case: pairs, inference seconds (when computed, else the cached figu
 the process's CPU time: with one torch thread the CPU time is the work, whatever else shares the machine), peak RSS
 of both processes, ATE (% of the camera spread), RRA mean/max (deg), the median per-edge rotation error of the
 graph's own edges (`bench.robust.edge_rotation_errors`; the target is RRA mean <= 1.5x it and RRA max < 20 deg),
-edges rejected by the robust stage; then t_align(N_max) / t_align(N) per path and source with the pairs per image
+the solution's RRA on those edges (median), the predictions' predicted/true relative angle per bin of true angle
+(`bench.robust.angle_ratios`: a systematic over-rotation that chaining integrates), edges rejected by the robust stage; then t_align(N_max) / t_align(N) per path and source with the pairs per image
 of both (the alignment should grow about linearly in pairs).
 """
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from dust3r_ns.bench.common import run_isolated
-from dust3r_ns.bench.robust import edge_rotation_errors, gt_of, render_orbit, write_npz
+from dust3r_ns.bench.robust import angle_ratios, edge_rotations, gt_of, render_orbit, write_npz
 from dust3r_ns.fileio import atomic_write
 from dust3r_ns.pairs import default_scene_graph
 
@@ -172,14 +173,15 @@ def predict_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
                                 conf1=o["pred1"]["conf"], conf2=o["pred2"]["conf"]))
         preds = open_store(out if disk else tmp)
     t2, c2 = time.perf_counter(), time.process_time()
-    err = edge_rotation_errors(preds, gt)
+    err, ang_pred, ang_true = edge_rotations(preds, gt)
     if not disk:
         preds.astype(torch.float16).save(out)
         if source == "oracle":
             shutil.rmtree(tmp)
     info = dict(n=n, path=path, source=source, graph=graph, pairs=int(preds.n_edges),
                 pairs_per_image=preds.n_edges / n, render_s=t1 - t0, infer_s=t2 - t1, infer_cpu_s=c2 - c1,
-                edge_err_median_deg=float(np.median(err)), edge_err_p90_deg=float(np.percentile(err, 90)))
+                edge_err_median_deg=float(np.median(err)), edge_err_p90_deg=float(np.percentile(err, 90)),
+                angle_ratio=angle_ratios(ang_pred, ang_true, err, 45.0))
     atomic_write(root / "info.json", lambda p: p.write_text(json.dumps(info)), "benchmark cache", ValueError)
     return info
 
@@ -187,7 +189,7 @@ def predict_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
 def align_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
     """(child process) Align the case's cached predictions (fast mode, defaults); pose errors against the truth."""
     from dust3r_ns.align import global_align
-    from dust3r_ns.metrics import pose_metrics
+    from dust3r_ns.metrics import pose_metrics, relative_rotation_errors
     from dust3r_ns.predictions import PairPredictions
 
     cfg = ScaleBenchConfig(**cfg_dict)
@@ -201,7 +203,10 @@ def align_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
     with np.load(Path(cfg.cache_dir) / f"gt_{_key(cfg, n, path)}.npz") as z:
         c2w = z["c2w"]
     pm = pose_metrics(rec.c2w, c2w)
+    own = preds.edges[preds.edges[:, 0] != preds.edges[:, 1]]
+    edge_rra = relative_rotation_errors(rec.c2w, c2w, own)
     return dict(align_s=sec, align_cpu_s=cpu, ate_pct=pm["ate_pct"], rra_mean_deg=pm["rra_mean_deg"], rra_max_deg=pm["rra_max_deg"],
+                edge_rra_median_deg=float(np.median(edge_rra)),
                 edges_rejected=int(rec.meta.get("edges_rejected", 0)), iterations=int(rec.meta["iterations"]),
                 polish_iterations=int(rec.meta.get("polish_iterations", 0)))
 
@@ -230,7 +235,8 @@ def _fmt(r: dict) -> str:
             f"infer {r['infer_s']:7.1f}s{'*' if r['cached'] else ' '} align {r['align_s']:7.1f}s "
             f"(CPU {r['align_cpu_s']:7.1f}s)  "
             f"RSS infer {r.get('infer_rss_gb', float('nan')):.2f} / align {r['align_rss_gb']:.2f} GB  ATE {r['ate_pct']:6.2f}%  "
-            f"RRA {r['rra_mean_deg']:6.2f}/{r['rra_max_deg']:6.2f} deg  edge err med {r['edge_err_median_deg']:5.2f} "
+            f"RRA {r['rra_mean_deg']:6.2f}/{r['rra_max_deg']:6.2f} deg (graph's edges med "
+            f"{r.get('edge_rra_median_deg', float('nan')):.2f})  edge err med {r['edge_err_median_deg']:5.2f} "
             f"deg (target RRA mean <= {r['target_rra_mean_deg']:.2f}, max < 20: {ok})  rejected {r['edges_rejected']}")
 
 
@@ -318,6 +324,9 @@ def run(cfg: ScaleBenchConfig) -> list[dict]:
                 r = run_case(cfg, n, path, source)
                 rows.append(r)
                 print(_fmt(r), flush=True)
+                if r.get("angle_ratio"):
+                    print("          predicted/true relative angle by true angle: "
+                          + ", ".join(f"{k} deg {v:.2f}" for k, v in r["angle_ratio"].items()), flush=True)
     for path in cfg.paths:
         for source in cfg.sources:
             rs = sorted((r for r in rows if r["path"] == path and r["source"] == source), key=lambda r: r["n"])
