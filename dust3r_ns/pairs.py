@@ -13,9 +13,10 @@ import re
 
 import numpy as np
 
-GRAPH_HELP = ("complete, swin-K, logwin-K, oneref-K (swin/logwin also with a -noncyclic suffix), retrieval-K or "
-              "retrieval-K+swin-W (K nearest images by content, plus a sequential window W for ordered input), K >= 1")
-RETRIEVAL = re.compile(r"retrieval(?:-(\d+))?(?:\+swin-(\d+))?")
+GRAPH_HELP = ("complete, swin-K, logwin-K, oneref-K (swin/logwin also with a -noncyclic suffix), retrieval-K, "
+              "retrieval-K+far-F or retrieval-K+swin-W (K nearest images by content, plus F far links per image at "
+              "similarity ranks 2K, 4K, ..., plus a sequential window W for ordered input), K >= 1")
+RETRIEVAL = re.compile(r"retrieval(?:-(\d+))?(?:\+far-(\d+))?(?:\+swin-(\d+))?")
 RETRIEVAL_K = 8    # neighbours per image when the name gives none
 
 
@@ -24,15 +25,17 @@ def is_retrieval(scene_graph: str) -> bool:
     return isinstance(scene_graph, str) and RETRIEVAL.fullmatch(scene_graph.strip()) is not None
 
 
-def _parse_retrieval(scene_graph: str) -> tuple[int, int]:
+def _parse_retrieval(scene_graph: str) -> tuple[int, int, int]:
+    """(K, F, W) of `retrieval-K[+far-F][+swin-W]`."""
     m = RETRIEVAL.fullmatch(scene_graph.strip())
     if m is None:
         raise ValueError(f"unknown scene graph {scene_graph!r}; use {GRAPH_HELP}")
     k = RETRIEVAL_K if m.group(1) is None else int(m.group(1))
-    w = 0 if m.group(2) is None else int(m.group(2))
-    if k < 1 or (m.group(2) is not None and w < 1):
-        raise ValueError(f"scene graph {scene_graph!r}: K and W must be >= 1")
-    return k, w
+    f = 0 if m.group(2) is None else int(m.group(2))
+    w = 0 if m.group(3) is None else int(m.group(3))
+    if k < 1 or (m.group(2) is not None and f < 1) or (m.group(3) is not None and w < 1):
+        raise ValueError(f"scene graph {scene_graph!r}: K, F and W must be >= 1")
+    return k, f, w
 
 
 def _parse(scene_graph: str) -> tuple[str, int, bool]:
@@ -115,10 +118,14 @@ def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize
                     ) -> list[tuple[int, int]]:
     """Edges of a retrieval graph over unit descriptors `desc` [N, D] (cosine similarity S = desc desc^T).
 
-    Each image is paired with its K most similar images; the maximum spanning tree of S is added so the graph is
-    connected whatever the clusters; `+swin-W` adds the pairs (i, i+1..i+W) of an ordered sequence. O(N K) pairs.
+    Each image is paired with its K most similar images; `+far-F` adds, per image, the images at similarity ranks
+    2K, 4K, ..., 2^F K (1-based, those that exist): still overlapping views, but farther apart, so long sequences
+    are held by links that skip many small steps (the content analogue of logwin-K; a pair model's systematic
+    error on small steps would otherwise add up along the chain). The maximum spanning tree of S is added so the
+    graph is connected whatever the clusters; `+swin-W` adds the pairs (i, i+1..i+W) of an ordered sequence.
+    O(N (K + F)) pairs.
     """
-    k, w = _parse_retrieval(scene_graph)
+    k, far, w = _parse_retrieval(scene_graph)
     desc = np.asarray(desc, dtype=np.float64)
     n = len(desc)
     if n == 1:
@@ -126,9 +133,10 @@ def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize
     S = desc @ desc.T                                   # [N, N]
     np.fill_diagonal(S, -np.inf)
     found: set[tuple[int, int]] = set()
-    nn = np.argsort(-S, axis=1, kind="stable")[:, : min(k, n - 1)]
+    order = np.argsort(-S, axis=1, kind="stable")[:, : n - 1]      # [N, N-1] others by similarity
+    ranks = list(range(min(k, n - 1))) + [(k << f) - 1 for f in range(1, far + 1) if (k << f) <= n - 1]
     for i in range(n):
-        for j in nn[i]:
+        for j in order[i, ranks]:
             found.add((min(i, int(j)), max(i, int(j))))
     # maximum spanning tree (Prim, O(N^2)): connectivity
     in_tree = np.zeros(n, bool)

@@ -44,11 +44,36 @@ def test_edges_neighbours_tree_and_window():
     assert sym[len(sym) // 2:] == [(j, i) for i, j in sym[: len(sym) // 2]]
 
 
+def test_far_links_sit_at_doubling_similarity_ranks():
+    # images on a circle: similarity rank grows with the distance along it
+    n, k = 40, 3
+    a = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    desc = _unit(np.stack([np.cos(a), np.sin(a), 0.2 * np.ones(n)], 1))
+    base = {tuple(e) for e in retrieval_edges(desc, f"retrieval-{k}", symmetrize=False)}
+    far = {tuple(e) for e in retrieval_edges(desc, f"retrieval-{k}+far-2", symmetrize=False)}
+    S = desc @ desc.T
+    np.fill_diagonal(S, -np.inf)
+    want = set()
+    for i in range(n):
+        order = np.argsort(-S[i], kind="stable")
+        for r in (2 * k, 4 * k):                           # 1-based ranks 2K and 4K
+            j = int(order[r - 1])
+            want.add((min(i, j), max(i, j)))
+    assert base < far and far == base | want
+    assert max(abs(i - j) % n for i, j in far - base) > max(abs(i - j) % n for i, j in base if abs(i - j) < n / 2)
+    assert len(far) <= n * (k + 2) + n - 1                 # O(N (K + F))
+    # ranks beyond the image count are skipped, not wrapped
+    assert retrieval_edges(desc[:8], "retrieval-3+far-3", symmetrize=False) == \
+        retrieval_edges(desc[:8], "retrieval-3+far-1", symmetrize=False)
+
+
 def test_graph_names_and_errors():
     desc = _unit(np.random.default_rng(1).standard_normal((6, 4)))
     assert retrieval_edges(desc[:1], "retrieval-3") == [(0, 0), (0, 0)]
-    with pytest.raises(ValueError, match="K and W must be >= 1"):
+    with pytest.raises(ValueError, match="K, F and W must be >= 1"):
         retrieval_edges(desc, "retrieval-0")
+    with pytest.raises(ValueError, match="K, F and W must be >= 1"):
+        retrieval_edges(desc, "retrieval-2+far-0")
     with pytest.raises(ValueError, match="unknown scene graph"):
         retrieval_edges(desc, "retrieval-2+swin")
     with pytest.raises(ValueError, match="needs the images' descriptors"):
