@@ -14,9 +14,10 @@ import re
 import numpy as np
 
 GRAPH_HELP = ("complete, swin-K, logwin-K, oneref-K (swin/logwin also with a -noncyclic suffix), retrieval-K, "
-              "retrieval-K+far-F or retrieval-K+swin-W (K nearest images by content, plus F far links per image at "
-              "similarity ranks 2K, 4K, ..., plus a sequential window W for ordered input), K >= 1")
-RETRIEVAL = re.compile(r"retrieval(?:-(\d+))?(?:\+far-(\d+))?(?:\+swin-(\d+))?")
+              "retrieval-K+far[-F] or retrieval-K+swin-W (K nearest images by content, plus far links per image at "
+              "similarity ranks 2K, 4K, ... (F of them, or all that exist), plus a sequential window W for ordered "
+              "input), K >= 1")
+RETRIEVAL = re.compile(r"retrieval(?:-(\d+))?(?:\+far(?:-(\d+))?)?(?:\+swin-(\d+))?")
 RETRIEVAL_K = 8    # neighbours per image when the name gives none
 
 
@@ -26,12 +27,13 @@ def is_retrieval(scene_graph: str) -> bool:
 
 
 def _parse_retrieval(scene_graph: str) -> tuple[int, int, int]:
-    """(K, F, W) of `retrieval-K[+far-F][+swin-W]`."""
-    m = RETRIEVAL.fullmatch(scene_graph.strip())
+    """(K, F, W) of `retrieval-K[+far[-F]][+swin-W]` (`+far` without F: every doubling rank, F = 62)."""
+    s = scene_graph.strip()
+    m = RETRIEVAL.fullmatch(s)
     if m is None:
         raise ValueError(f"unknown scene graph {scene_graph!r}; use {GRAPH_HELP}")
     k = RETRIEVAL_K if m.group(1) is None else int(m.group(1))
-    f = 0 if m.group(2) is None else int(m.group(2))
+    f = (62 if "+far" in s else 0) if m.group(2) is None else int(m.group(2))
     w = 0 if m.group(3) is None else int(m.group(3))
     if k < 1 or (m.group(2) is not None and f < 1) or (m.group(3) is not None and w < 1):
         raise ValueError(f"scene graph {scene_graph!r}: K, F and W must be >= 1")
@@ -119,11 +121,11 @@ def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize
     """Edges of a retrieval graph over unit descriptors `desc` [N, D] (cosine similarity S = desc desc^T).
 
     Each image is paired with its K most similar images; `+far-F` adds, per image, the images at similarity ranks
-    2K, 4K, ..., 2^F K (1-based, those that exist): still overlapping views, but farther apart, so long sequences
+    2K, 4K, ..., 2^F K (1-based, those that exist; `+far`: all of them, about log2(N / K)): still overlapping views, but farther apart, so long sequences
     are held by links that skip many small steps (the content analogue of logwin-K; a pair model's systematic
     error on small steps would otherwise add up along the chain). The maximum spanning tree of S is added so the
     graph is connected whatever the clusters; `+swin-W` adds the pairs (i, i+1..i+W) of an ordered sequence.
-    O(N (K + F)) pairs.
+    O(N (K + F)) pairs (`+far`: O(N (K + log N))).
     """
     k, far, w = _parse_retrieval(scene_graph)
     desc = np.asarray(desc, dtype=np.float64)
