@@ -164,7 +164,8 @@ def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize
 
 def default_scene_graph(n: int, ordered: bool = False) -> str:
     """complete up to 12 images (at most 132 ordered pairs); beyond, a retrieval graph (each image with its
-    `RETRIEVAL_K` most similar images, O(n) pairs), plus a sequential window of 2 for ordered input (video)."""
+    `RETRIEVAL_K` most similar images and far links at doubling similarity ranks, O(n log n) pairs), plus a
+    sequential window of 2 for ordered input (video)."""
     if n <= 12:
         return "complete"
-    return f"retrieval-{RETRIEVAL_K}" + ("+swin-2" if ordered else "")
+    return f"retrieval-{RETRIEVAL_K}+far" + ("+swin-2" if ordered else "")
