@@ -61,13 +61,16 @@ def test_rows_differ_from_the_method_only_in_initialisation(tmp_path):
         for name in ("densify_grad_thresh", "refine_every", "warmup_length", "cull_alpha_thresh", "sh_degree",
                      "num_downscales", "resolution_schedule", "ssim_lambda"):
             assert getattr(m, name) == getattr(b, name), name
+        assert m.footprint_scale == b.footprint_scale
+        assert splat.trainer_config(tmp_path, tmp_path, row, 7, 123, 55, footprint_scale=1.25
+                                    ).pipeline.model.footprint_scale == 1.25
     with pytest.raises(ValueError, match="unknown row"):
         splat.trainer_config(tmp_path, tmp_path, "colmap", 1, 1)
 
 
 def test_quick_bench_runs_every_row(tmp_path, capsys):
     rows = splat.run(splat.SplatBenchConfig(quick=True, threads=1, work_dir=str(tmp_path),
-                                            json_out=str(tmp_path / "splat.json")))
+                                            json_out=str(tmp_path / "splat.json"), cache_dir=str(tmp_path / "cache")))
     assert [r["row"] for r in rows] == list(splat.ROWS)
     for r in rows:
         for k in ("psnr", "ssim", "psnr_unreg", "ssim_unreg", "train_s", "l1_before", "l1_after", "train_rra_deg"):
@@ -86,6 +89,7 @@ def test_quick_bench_runs_every_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mean over cases" in out and "gap to gt" in out
     assert (tmp_path / "splat.json").is_file()
+    assert len(list((tmp_path / "cache").glob("*/reconstruction.npz"))) == 1   # the DUSt3R rows' reconstruction
 
 
 def test_downscaled_image_and_intrinsics_agree():

@@ -153,6 +153,43 @@ def test_seed_points_project_onto_source_pixels(tmp_path, fake_build):
     np.testing.assert_allclose(mapped, xyz.double().numpy(), atol=1e-4)
 
 
+def test_seed_footprints_become_initial_scales(tmp_path, fake_build):
+    """A seed at camera depth z in an image of focal f (training images, downscaled) has footprint z / f; the model
+    with footprint_scale k starts with scale k z / f on all three axes (0: splatfacto's nearest-neighbour scales)."""
+    from nerfstudio.data.scene_box import SceneBox
+
+    from dust3r_ns.nerfstudio.model import Dust3rSplatfactoModelConfig
+
+    data = tmp_path / "photos"
+    write_photos(data, 3)
+    parser = parser_for(data, tmp_path, eval_mode="all", max_points=300, downscale_factor=2)
+    out = parser.get_dataparser_outputs("train")
+    cams, xyz, rgb = out.cameras, out.metadata["points3D_xyz"], out.metadata["points3D_rgb"]
+    fp = out.metadata["points3D_footprint"]
+    assert fp.dtype == torch.float32 and fp.shape == (len(xyz),)
+    k = torch.from_numpy(parser.points_src[:, 0])
+    c2w = cams.camera_to_worlds[k]
+    depth = -((xyz - c2w[:, :, 3])[:, None, :] @ c2w[:, :, :3]).squeeze(1)[:, 2]  # OpenGL camera looks down -z
+    focal = torch.sqrt(cams.fx[k, 0] * cams.fy[k, 0])
+    assert (cams.width == ORIG_W // 2).all()   # the focal of the downscaled training images
+    torch.testing.assert_close(fp, depth / focal, rtol=1e-4, atol=1e-7)
+
+    def model(scale, metadata):
+        with pytest.warns(UserWarning, match="LPIPS") if not _lpips_available() else _null():
+            return Dust3rSplatfactoModelConfig(footprint_scale=scale).setup(
+                scene_box=SceneBox(aabb=torch.tensor([[-1.0, -1, -1], [1, 1, 1]])), num_train_data=len(cams),
+                metadata=metadata, seed_points=(xyz, rgb), device="cpu")
+
+    scales = torch.exp(model(1.5, out.metadata).scales.detach())  # [M, 3]
+    torch.testing.assert_close(scales, (1.5 * fp)[:, None].expand(-1, 3), rtol=1e-5, atol=0.0)
+    knn = torch.exp(model(0.0, out.metadata).scales.detach())
+    assert not torch.allclose(knn, scales, rtol=0.1)   # off: splatfacto's own initialisation
+    with pytest.raises(ValueError, match="footprint-scale"):
+        model(-1.0, out.metadata)
+    with pytest.raises(ValueError, match="one footprint per seed point"):
+        model(1.5, {**out.metadata, "points3D_footprint": fp[:-1]})
+
+
 def test_scale_when_cameras_do_not_move(tmp_path, monkeypatch):
     """Cameras at one spot (rotation-only capture): the scale comes from the points, not from ~0 translations."""
     fb = FakeBuild(same_pose=True)
@@ -354,6 +391,29 @@ def brute_force_render(means2d, conics, opac, feats, depths, radii, W, H):
                 acc[v, u] += alpha * T
                 T *= 1 - alpha
     return out, acc
+
+
+def test_rasterizer_kept_and_checkpointed_bands_agree():
+    """Bands kept for backward (keep_elems large) and checkpointed ones (keep_elems 0) give the same render, gradients
+    and absgrad; a budget in between mixes both."""
+    g = torch.Generator().manual_seed(2)
+    N, W, H = 30, 11, 9
+    base = dict(means=torch.randn(N, 3, generator=g) * 0.4 + torch.tensor([0.0, 0, 2.5]),
+                quats=torch.randn(N, 4, generator=g), scales=torch.rand(N, 3, generator=g) * 0.15 + 0.05,
+                opacities=torch.rand(N, generator=g) * 0.9 + 0.05, colors=torch.rand(N, 3, generator=g))
+    K = torch.tensor([[[14.0, 0, 5.1], [0, 13.0, 4.4], [0, 0, 1]]])
+    results = []
+    for keep in (0, 200, 10 ** 9):
+        p = {k: v.clone().requires_grad_() for k, v in base.items()}
+        render, alpha, info = rasterize_dense(**p, viewmats=torch.eye(4)[None], Ks=K, width=W, height=H,
+                                              render_mode="RGB+ED", absgrad=True, chunk_elems=60, tile_size=4,
+                                              keep_elems=keep)
+        (render.square().sum() + alpha.sum()).backward()
+        results.append([render.detach(), alpha.detach(), info["means2d"].absgrad] + [v.grad for v in p.values()])
+    assert results[0][-1].abs().sum() > 0
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_rasterizer_compositing_and_gradients():

@@ -5,10 +5,11 @@ For each case (a `dust3r_ns.synth` scene seed and a number of training views) th
 the DUSt3R inference, the alignment or the seed points. Each row trains `dust3r-splatfacto` (the `ns-train`
 method's own `TrainerConfig` from `method.make_config()`, on its `dust3r` dataparser reading a reconstruction
 folder; only the iteration budget, the point cap and the row's initialisation are changed) for the same number of
-iterations:
+iterations (the same torch random state at the start of every row):
 
 - `gt`: ground-truth poses, intrinsics and points (depth maps back-projected), camera optimizer off;
-- `dust3r`: the bundled DUSt3R model's reconstruction of the training views, camera optimizer off;
+- `dust3r`: the bundled DUSt3R model's reconstruction of the training views (kept in the reconstruction cache
+  `--cache-dir` between runs), camera optimizer off;
 - `dust3r-refine`: the same with joint pose refinement (the method's camera optimizer mode, `REFINE_MODE` when
   that is off, and its `camera_opt` learning-rate schedule);
 - `random`: DUSt3R poses and intrinsics, splatfacto's random points (as many as the DUSt3R seeds), camera
@@ -73,6 +74,9 @@ class SplatBenchConfig:
     """Training iterations of every row (same budget for all)."""
     max_points: int = 4000
     """Seed-point cap of every row (the CPU rasterizer's cost grows with the Gaussian count)."""
+    footprint_scale: float = -1.0
+    """Seeded rows' initial Gaussian scale in pixel footprints (`--pipeline.model.footprint-scale`; 0: splatfacto's
+    nearest-neighbour scales); negative: `dust3r-splatfacto`'s default."""
     rows: list[str] = field(default_factory=lambda: list(ROWS))
     """Rows to run: gt, dust3r, dust3r-refine, random."""
     register_steps: int = 100
@@ -89,6 +93,9 @@ class SplatBenchConfig:
     """torch threads (0: torch's default)."""
     quick: bool = False
     """Tiny smoke configuration (one 3-view case at 24x32, 20 iterations, 10 registration steps): CI."""
+    cache_dir: str = "~/.cache/dust3r_ns/bench_splat"
+    """Reconstruction cache of the DUSt3R rows (entries keyed by the rendered photos, the model file and the options,
+    so a new model or option recomputes); '' : always recompute."""
     work_dir: str = ""
     """Folder for the rendered photos, reconstructions and training outputs (default: a temporary one, removed)."""
     json_out: str = ""
@@ -146,14 +153,22 @@ def gt_reconstruction(views: list[dict], names: list[str]):
         rgbs=[v["rgb"] for v in views], meta={"source": "ground truth"})
 
 
-def dust3r_reconstruction(paths: list[Path]):
-    """The bundled DUSt3R model's reconstruction of `paths` (pair inference + global alignment), on CPU/CUDA."""
+def dust3r_reconstruction(paths: list[Path], cache_dir: Path | None = None):
+    """The bundled DUSt3R model's reconstruction of `paths` (pair inference + global alignment), on CPU/CUDA; with
+    `cache_dir`, reused from / stored in the reconstruction cache (`dust3r_ns.cache`: keyed by the photos' contents,
+    the model file and the options)."""
     from dust3r_ns.align import AlignConfig
-    from dust3r_ns.cache import build_reconstruction
+    from dust3r_ns.cache import (build_reconstruction, inspect_photos, load_or_build, model_identity,
+                                 reconstruction_options)
     from dust3r_ns.pipeline import NetworkConfig, PairsConfig, PointsConfig, default_model_source
 
-    return build_reconstruction(paths, NetworkConfig(model=default_model_source()), PairsConfig(), AlignConfig(),
-                                PointsConfig(), label="bench splat")
+    network, pairs, align, points = NetworkConfig(model=default_model_source()), PairsConfig(), AlignConfig(), \
+        PointsConfig()
+    build = lambda ps: build_reconstruction(ps, network, pairs, align, points, label="bench splat")  # noqa: E731
+    if cache_dir is None:
+        return build(paths)
+    return load_or_build(inspect_photos(paths), cache_dir, model_identity(network.model),
+                         reconstruction_options(network, pairs, align, points), build).rec
 
 
 def save_folder(folder: Path, rec, photos: list[Path]) -> Path:
@@ -166,9 +181,11 @@ def save_folder(folder: Path, rec, photos: list[Path]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def trainer_config(data: Path, out: Path, row: str, iterations: int, max_points: int, num_seeds: int = 0):
-    """`dust3r-splatfacto`'s TrainerConfig for one bench row: only data, budget, point cap, initialisation and (for
-    rows without refinement) the camera optimizer differ from what `ns-train dust3r-splatfacto` runs."""
+def trainer_config(data: Path, out: Path, row: str, iterations: int, max_points: int, num_seeds: int = 0,
+                   footprint_scale: float = -1.0):
+    """`dust3r-splatfacto`'s TrainerConfig for one bench row: only data, budget, point cap, initialisation (seed
+    scales: `footprint_scale` >= 0 replaces the method's) and (for rows without refinement) the camera optimizer
+    differ from what `ns-train dust3r-splatfacto` runs."""
     from dust3r_ns.nerfstudio.method import make_config
     from dust3r_ns.pipeline import PointsConfig
 
@@ -188,6 +205,8 @@ def trainer_config(data: Path, out: Path, row: str, iterations: int, max_points:
     tc.steps_per_eval_image = tc.steps_per_eval_batch = tc.steps_per_eval_all_images = 10 ** 9
     tc.steps_per_save = 10 ** 9
     model = tc.pipeline.model
+    if footprint_scale >= 0:
+        model.footprint_scale = float(footprint_scale)
     if row in ("gt", "dust3r"):
         model.camera_optimizer.mode = "off"
     elif row == "dust3r-refine" and model.camera_optimizer.mode == "off":
@@ -383,13 +402,14 @@ def run_case(seed: int, n_train: int, cfg: SplatBenchConfig, work: Path) -> list
     t_dust3r = math.nan
     if any(r != "gt" for r in cfg.rows):
         t0 = time.perf_counter()
-        rec = dust3r_reconstruction(photos)
+        rec = dust3r_reconstruction(photos, Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None)
         t_dust3r = time.perf_counter() - t0
         folders["dust3r"] = save_folder(root / "dust3r", rec, photos)
         n_seeds = len(rec.pointcloud(max_points=cfg.max_points)[0])
     for row in cfg.rows:
         data = folders["gt" if row == "gt" else "dust3r"]
-        tc = trainer_config(data, root / "outputs", row, cfg.iterations, cfg.max_points, n_seeds)
+        tc = trainer_config(data, root / "outputs", row, cfg.iterations, cfg.max_points, n_seeds, cfg.footprint_scale)
+        torch.manual_seed(0)   # every row starts from the same random state (random points, quaternions)
         pipeline, seconds = train(tc)
         t0 = time.perf_counter()
         res = evaluate(pipeline, case, cfg)
@@ -397,6 +417,7 @@ def run_case(seed: int, n_train: int, cfg: SplatBenchConfig, work: Path) -> list
                    iterations=cfg.iterations, train_s=seconds, eval_s=time.perf_counter() - t0,
                    dust3r_s=t_dust3r if row != "gt" else math.nan,
                    gaussians=int(pipeline.model.num_points), camera_opt=pipeline.model.camera_optimizer.config.mode,
+                   footprint_scale=pipeline.model.config.footprint_scale,
                    train_names=names, held_out=[f"arc_{k:02d}" for k in case["test_idx"]],
                    train_arc=[f"arc_{k:02d}" for k in case["train_idx"]],
                    protocol=protocol(cfg))

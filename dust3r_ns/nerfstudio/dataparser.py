@@ -14,7 +14,9 @@ photos the parser runs pair inference + global alignment, or reuses the cached r
   `dataparser_transform` (3x4) maps the reconstruction's world (`reconstruction.npz` in the cache entry) to the
   nerfstudio world before the scale `dataparser_scale`;
 - `metadata["points3D_xyz"]` float32 (M,3) in the same frame and `metadata["points3D_rgb"]` uint8 (M,3): splatfacto
-  seeds its Gaussians from them.
+  seeds its Gaussians from them; `metadata["points3D_footprint"]` float32 (M,): each seed's pixel footprint in the
+  training images (camera-frame depth x `dataparser_scale` / focal of its image, nerfstudio world units), which
+  `dust3r-splatfacto` turns into initial Gaussian scales when `--pipeline.model.footprint-scale` is > 0.
 
 Keep this module free of datamanager/pipeline/model imports: nerfstudio imports dataparser entry points while its
 own config module is still initialising (circular import otherwise).
@@ -234,6 +236,13 @@ class Dust3rDataParser(DataParser):
             height=torch.from_numpy(sizes[idx, 1])[:, None],
             camera_type=CameraType.PERSPECTIVE,
         )
+        # pixel footprint of each seed point in the training images: camera-frame depth / focal, nerfstudio units
+        focal = np.sqrt(K[:, 0, 0] * K[:, 1, 1])  # (N,) training-image focal in pixels
+        depth = np.zeros(len(src), dtype=np.float64)  # (M,)
+        for k in np.unique(src[:, 0]):
+            sel = src[:, 0] == k
+            depth[sel] = rec.depths[k][src[sel, 1], src[sel, 2]]
+        footprint = depth * scale / focal[src[:, 0]]  # (M,)
         self.points_src = src
         self.split_photo_indices = idx
         s = float(c.scene_scale)
@@ -247,6 +256,7 @@ class Dust3rDataParser(DataParser):
             metadata={
                 "points3D_xyz": torch.from_numpy(xyz_t.astype(np.float32)),
                 "points3D_rgb": torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.uint8)),
+                "points3D_footprint": torch.from_numpy(footprint.astype(np.float32)),
             },
             dataparser_transform=torch.from_numpy(transform).float(),
             dataparser_scale=scale,

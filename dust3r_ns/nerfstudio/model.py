@@ -4,6 +4,8 @@ On a CUDA machine rendering is splatfacto's own (gsplat), untouched. The differe
 - seed colours are set here (splatfacto's own colour initialisation calls `.cuda()` unconditionally);
 - the LPIPS metric needs AlexNet weights from the internet: when they cannot be loaded (offline) LPIPS is
   reported as NaN, with one warning, instead of failing model construction.
+- optional seed scales: with `footprint_scale` k > 0 each seed Gaussian starts with scale k x its pixel footprint
+  (depth / focal in the training images, from the dataparser) instead of splatfacto's 3-nearest-neighbour distance.
 Without CUDA, or with the model on the CPU (slow path for tests and demos):
 - `get_outputs` renders with the pure-PyTorch `rasterizer.rasterize_dense` (no `.cuda()`, no torch.compile);
 - without CUDA, gsplat's CUDA back-end module is replaced by a stub that raises, so nothing can start gsplat's
@@ -13,6 +15,7 @@ Without CUDA, or with the model on the CPU (slow path for tests and demos):
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import types
 import warnings
@@ -87,6 +90,15 @@ class Dust3rSplatfactoModelConfig(SplatfactoModelConfig):
     _target: Type = field(default_factory=lambda: Dust3rSplatfactoModel)
     cpu_chunk_elems: int = 1 << 21
     """CPU rasterizer only: pixel x Gaussian elements composited per band (bounds memory)."""
+    cpu_tile_size: int = 8
+    """CPU rasterizer only: side of the square pixel tiles; each tile composites only the Gaussians that reach it
+    (smaller tiles: fewer Gaussians per pixel, more Python loop steps)."""
+    cpu_keep_elems: int = 1 << 22
+    """CPU rasterizer only: pixel x Gaussian elements per render whose intermediates are kept for the backward pass;
+    the bands beyond are checkpointed (recomputed: less memory, slower)."""
+    footprint_scale: float = 0.0
+    """Seed Gaussians' initial scale (all three axes) = this x their pixel footprint in the training images (depth /
+    focal, the dataparser's `points3D_footprint`); 0: splatfacto's mean distance to the 3 nearest seeds."""
 
 
 class Dust3rSplatfactoModel(SplatfactoModel):
@@ -110,6 +122,23 @@ class Dust3rSplatfactoModel(SplatfactoModel):
                 self.gauss_params["features_dc"].data.copy_(dc)
                 self.gauss_params["features_rest"].data.zero_()
             self.seed_points = (self.seed_points[0], seed_rgb)
+        if self.config.footprint_scale < 0 or not math.isfinite(self.config.footprint_scale):
+            raise ValueError(f"--pipeline.model.footprint-scale must be >= 0 (0: nearest-neighbour scales), got "
+                             f"{self.config.footprint_scale}")
+        footprint = (self.kwargs.get("metadata") or {}).get("points3D_footprint")
+        if self.config.footprint_scale > 0 and seed_rgb is not None and footprint is not None:
+            self.set_footprint_scales(footprint)
+
+    def set_footprint_scales(self, footprint: Tensor) -> None:
+        """Initial log-scales of the seed Gaussians: log(footprint_scale x footprint) on all three axes.
+        footprint: [M] world-unit pixel footprints, one per seed point (the order of `points3D_xyz`)."""
+        scales = self.gauss_params["scales"]  # [M, 3]
+        if footprint.shape != scales.shape[:1]:
+            raise ValueError(f"points3D_footprint has {tuple(footprint.shape)} entries for {scales.shape[0]} seed "
+                             "points; the dataparser must return one footprint per seed point")
+        value = self.config.footprint_scale * footprint.to(scales).clamp_min(1e-12)  # [M]
+        with torch.no_grad():
+            scales.data.copy_(torch.log(value)[:, None].expand_as(scales))
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
         """splatfacto's load (resizes every Gaussian parameter to the checkpoint's count), then the loaded values
@@ -168,7 +197,8 @@ class Dust3rSplatfactoModel(SplatfactoModel):
             opacities=torch.sigmoid(params["opacities"]).squeeze(-1), colors=colors,
             viewmats=opengl_c2w_to_opencv_w2c_torch(c2w), Ks=K, width=W, height=H, near_plane=0.01, far_plane=1e10,
             render_mode=render_mode, sh_degree=sh_degree, absgrad=self.strategy.absgrad,
-            rasterize_mode=self.config.rasterize_mode, chunk_elems=self.config.cpu_chunk_elems)
+            rasterize_mode=self.config.rasterize_mode, chunk_elems=self.config.cpu_chunk_elems,
+            tile_size=self.config.cpu_tile_size, keep_elems=self.config.cpu_keep_elems)
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step,
                                             self.info)

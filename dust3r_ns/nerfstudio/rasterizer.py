@@ -12,7 +12,10 @@ gsplat's densification uses), `radii` [C,N] int32, `depths`, `conics`, `width`, 
 
 The compositing is dense per tile: each `tile_size` square of pixels considers, front to back, every Gaussian
 whose footprint of non-negligible alpha (o exp(-q/2) >= 1/255, within its 3-sigma radius) reaches the tile
-(memory ~ pixels x Gaussians per chunk, bounded by `chunk_elems`; each chunk is checkpointed).
+(memory ~ pixels x Gaussians per chunk, bounded by `chunk_elems`). With gradients on, the chunks of one render
+keep their intermediate tensors for the backward pass until their pixel x Gaussian elements add up to
+`keep_elems`; the chunks after that are checkpointed (recomputed in the backward pass: less memory, more
+compositing time). Both give the same values and gradients.
 """
 
 from __future__ import annotations
@@ -165,7 +168,7 @@ def rasterize_dense(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
                     far_plane: float = 1e10, eps2d: float = 0.3, sh_degree: Optional[int] = None,
                     backgrounds: Optional[Tensor] = None, render_mode: str = "RGB", absgrad: bool = False,
                     rasterize_mode: str = "classic", packed: bool = False, chunk_elems: int = 1 << 21,
-                    tile_size: int = 16,
+                    tile_size: int = 16, keep_elems: int = 0,
                     **unused: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """gsplat-compatible `rasterization` for CPU (see the module docstring). colors: [N,D] / [C,N,D] when
     sh_degree is None, else SH coefficients [N,K,3]. render_mode: RGB, D, ED, RGB+D or RGB+ED."""
@@ -214,6 +217,7 @@ def rasterize_dense(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
     inverse = torch.empty(height * width, dtype=torch.long, device=dev)
     inverse[torch.cat(order_parts)] = torch.arange(height * width, device=dev)
     renders, alphas = [], []
+    kept = 0  # pixel x Gaussian elements composited without checkpointing so far (all cameras)
     for cam in range(C):
         vis = torch.nonzero(radii[cam] > 0).squeeze(1)
         order = vis[torch.argsort(depths[cam, vis].detach())]
@@ -233,10 +237,11 @@ def rasterize_dense(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
             for p0 in range(0, len(ids), step):
                 pix = pix_all[ids[p0:p0 + step]]
                 args = (means2d[cam], conics[cam], opac[cam], feats[cam], sel, pix)
-                if torch.is_grad_enabled():
+                kept += len(pix) * len(sel)
+                if torch.is_grad_enabled() and kept > keep_elems:
                     f, a = checkpoint(_composite_band, *args, sink, cam, use_reentrant=False)
                 else:
-                    f, a = _composite_band(*args, None, cam)
+                    f, a = _composite_band(*args, sink if torch.is_grad_enabled() else None, cam)
                 f_parts.append(f)
                 a_parts.append(a)
         img = torch.cat(f_parts, 0)[inverse].reshape(height, width, D)
@@ -248,7 +253,7 @@ def rasterize_dense(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
         renders.append(img)
         alphas.append(acc)
     info = {"means2d": means2d, "radii": radii, "depths": depths, "conics": conics, "width": width,
-            "height": height, "n_cameras": C, "gaussian_ids": None, "tile_size": 16, "camera_ids": None,
+            "height": height, "n_cameras": C, "gaussian_ids": None, "tile_size": tile_size, "camera_ids": None,
             "opacities": opac}
     return torch.stack(renders), torch.stack(alphas), info
 
