@@ -296,6 +296,12 @@ def test_random_pair_log_sampling_short_baselines(scene):
     assert 0.33 < (ang_l < 5).mean() < 0.63  # binomial(120, 0.48): +-3 sigma
     assert (ang_u < 5).mean() < 0.2  # uniform: 7.5% expected
     assert np.median(ang_l) < 0.5 * np.median(ang_u)
+    rng_m = np.random.default_rng(1)
+    ang_m = np.array([_pair_geometry(scene, synth.random_pair(scene, rng_m, H, W, baseline_deg=(0.5, 60),
+                                                              baseline_sampling="mixed")[0])[0] for _ in range(120)])
+    assert ang_m.min() > 0.45 and ang_m.max() < 60.05
+    assert (ang_u < 5).mean() < (ang_m < 5).mean() < (ang_l < 5).mean()  # expected 7.5% < 28% < 48%
+    assert (ang_m > 20).mean() > (ang_l > 20).mean() + 0.08  # expected 45% vs 23%
 
 
 def test_random_pair_same_ring(scene):

@@ -75,9 +75,10 @@ class PairDataset:
 class SyntheticScenes(PairDataset):
     """Pairs of views of random procedural scenes (dust3r_ns.synth), rendered on the fly with exact depth.
 
-    Deterministic per (seed, index): scene, cameras (angular separation from baseline_deg, uniform or log-uniform per
-    `baseline_sampling`; both cameras on one radius and height with probability `same_ring`, see
-    `synth.random_pair`), lighting; colour jitter also depends on the epoch. `cache=True` keeps rendered samples in memory (per process) for later epochs.
+    Deterministic per (seed, index): scene, cameras (angular separation from baseline_deg, uniform, log-uniform or half
+    and half per `baseline_sampling`; both cameras on one radius and height with probability `same_ring`, see
+    `synth.random_pair`), lighting; colour jitter also depends on the epoch. `cache=True` keeps rendered samples in
+    memory (per process) for later epochs.
     """
 
     name = "SyntheticScenes"
@@ -90,8 +91,9 @@ class SyntheticScenes(PairDataset):
             raise ValueError(f"SyntheticScenes: n_pairs must be >= 1, got {n_pairs}")
         self.n = int(n_pairs)
         self.baseline_deg, self.focal_range = tuple(baseline_deg), tuple(focal_range)
-        if baseline_sampling not in ("uniform", "log"):
-            raise ValueError(f"SyntheticScenes: baseline_sampling must be 'uniform' or 'log', got {baseline_sampling!r}")
+        if baseline_sampling not in ("uniform", "log", "mixed"):
+            raise ValueError(f"SyntheticScenes: baseline_sampling must be 'uniform', 'log' or 'mixed', got "
+                             f"{baseline_sampling!r}")
         if not 0.0 <= same_ring <= 1.0:
             raise ValueError(f"SyntheticScenes: same_ring is a probability in [0, 1], got {same_ring}")
         self.baseline_sampling, self.same_ring = baseline_sampling, float(same_ring)

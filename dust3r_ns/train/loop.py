@@ -55,8 +55,8 @@ class TrainConfig:
     """Test resolution (W H); default: the first training resolution."""
     baseline_deg: tuple[float, float] = (5.0, 60.0)
     """Synthetic: angular separation range of the two cameras."""
-    baseline_sampling: Literal["uniform", "log"] = "uniform"
-    """Synthetic: separation drawn uniformly or log-uniformly (more short baselines) over baseline_deg."""
+    baseline_sampling: Literal["uniform", "log", "mixed"] = "uniform"
+    """Synthetic: separation over baseline_deg: uniform, log-uniform (short baselines) or each half the time."""
     same_ring: float = 0.0
     """Synthetic: share of pairs whose cameras share one radius and height (orbit/video neighbours)."""
     jitter: float = 0.0
