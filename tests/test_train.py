@@ -244,7 +244,7 @@ def test_presets_and_cli_override():
                  "bundled_tiny_stage3_224"):
         assert load_preset(name)["model"].startswith("AsymmetricCroCo3DStereo(")
     s3 = make_config(["--preset", "bundled_tiny_stage3_224"])
-    assert s3.baseline_sampling == "log" and 0 < s3.baseline_deg[0] < 5 and 0 < s3.same_ring < 1
+    assert s3.baseline_sampling == "mixed" and 0 < s3.baseline_deg[0] < 5 and 0 < s3.same_ring < 1
     assert make_config(["--preset", "bundled_tiny_stage2_224"]).baseline_sampling == "uniform"  # default kept
     cfg = make_config(["--preset", "dust3r_512_linear", "--batch-size", "2"])
     assert cfg.batch_size == 2 and cfg.accum_iter == 2 and len(cfg.resolution) == 10 and "ManyAR" in cfg.model
