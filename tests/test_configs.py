@@ -36,7 +36,7 @@ def test_three_presets():
 def test_train_presets_are_package_data():
     assert str(CONFIG_DIR) == str(PRESET_DIR)
     names = preset_names()
-    assert "synthetic_tiny" in names and "dust3r_512_dpt" in names and len(names) == 7
+    assert "synthetic_tiny" in names and "dust3r_512_dpt" in names and len(names) == 8
     for name in names:
         assert load_preset(name)["preset"] == name
     assert not (REPO / "configs").exists()  # one copy, inside the package
@@ -56,7 +56,7 @@ def test_wheel_contains_presets_and_py_typed(tmp_path):
     (wheel,) = (tmp_path / "out").glob("dust3r_ns-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.relative_to(REPO).as_posix() for p in (REPO / "dust3r_ns" / "configs").rglob("*") if p.is_file()}
-    assert len(shipped) == 13 and shipped <= names, sorted(shipped - names)
+    assert len(shipped) == 14 and shipped <= names, sorted(shipped - names)
     assert "dust3r_ns/py.typed" in names
     assert {"dust3r_ns/weights/dust3r_tiny_synthetic_224/config.json",
             "dust3r_ns/weights/dust3r_tiny_synthetic_224/model.safetensors"} <= names

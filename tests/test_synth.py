@@ -261,3 +261,65 @@ def test_focal_noise_changes_implied_focal():
     assert 0.002 < abs(fs[1] / K[0, 0, 0] - 1) < 0.25
     with pytest.raises(ValueError, match="focal_noise"):
         synth.oracle_pairs(views, [(0, 1)], noise=synth.NoiseConfig(focal_noise=-1))
+
+
+def _pair_geometry(scene, c2w):
+    """Angle (deg) between the two cameras around the aim centre, their horizontal radii and heights."""
+    d = [c2w[k, :2, 3] - scene.center[:2] for k in range(2)]
+    ang = math.degrees(math.acos(np.clip(np.dot(d[0], d[1]) / np.linalg.norm(d[0]) / np.linalg.norm(d[1]), -1, 1)))
+    return ang, [float(np.linalg.norm(v)) for v in d], c2w[:, 2, 3]
+
+
+def test_random_pair_uniform_default_draws_unchanged():
+    """The default (uniform, no same-ring pairs) reproduces the original sampler's cameras and random stream."""
+    rng = np.random.default_rng(123)
+    c2w, K = synth.random_pair(synth.make_scene(7), rng, 24, 32, baseline_deg=(5, 50))
+    ref_C = [[-0.986983389, -1.9133222841, 1.630885056], [-0.6925942368, -2.0115854907, 1.7310104982]]
+    np.testing.assert_allclose(c2w[:, :3, 3], ref_C, atol=1e-8)
+    np.testing.assert_allclose(K[:, 0, 0], [28.3361659312, 35.0907782686], atol=1e-8)
+    assert rng.random() == pytest.approx(0.6299402045896808, abs=1e-12)
+    rng2 = np.random.default_rng(123)
+    c2w2, _ = synth.random_pair(synth.make_scene(7), rng2, 24, 32, baseline_deg=(5, 50), baseline_sampling="uniform",
+                                same_ring=0.0)
+    np.testing.assert_array_equal(c2w, c2w2)
+
+
+def test_random_pair_log_sampling_short_baselines(scene):
+    """Log-uniform separations over (0.5, 60): about ln(10)/ln(120) = 48% below 5 deg, none outside the range."""
+    rng_u, rng_l = np.random.default_rng(1), np.random.default_rng(1)
+    ang_u = [_pair_geometry(scene, synth.random_pair(scene, rng_u, H, W, baseline_deg=(0.5, 60))[0])[0]
+             for _ in range(120)]
+    ang_l = [_pair_geometry(scene, synth.random_pair(scene, rng_l, H, W, baseline_deg=(0.5, 60),
+                                                     baseline_sampling="log")[0])[0] for _ in range(120)]
+    ang_u, ang_l = np.array(ang_u), np.array(ang_l)
+    assert ang_l.min() > 0.45 and ang_l.max() < 60.05
+    assert 0.33 < (ang_l < 5).mean() < 0.63  # binomial(120, 0.48): +-3 sigma
+    assert (ang_u < 5).mean() < 0.2  # uniform: 7.5% expected
+    assert np.median(ang_l) < 0.5 * np.median(ang_u)
+    rng_m = np.random.default_rng(1)
+    ang_m = np.array([_pair_geometry(scene, synth.random_pair(scene, rng_m, H, W, baseline_deg=(0.5, 60),
+                                                              baseline_sampling="mixed")[0])[0] for _ in range(120)])
+    assert ang_m.min() > 0.45 and ang_m.max() < 60.05
+    assert (ang_u < 5).mean() < (ang_m < 5).mean() < (ang_l < 5).mean()  # expected 7.5% < 28% < 48%
+    assert (ang_m > 20).mean() > (ang_l > 20).mean() + 0.08  # expected 45% vs 23%
+
+
+def test_random_pair_same_ring(scene):
+    """same_ring=1: both cameras on one radius and (within noise) one height; 0 keeps them independent."""
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        c2w, _ = synth.random_pair(scene, rng, H, W, baseline_deg=(1, 10), baseline_sampling="log", same_ring=1.0)
+        ang, radii, heights = _pair_geometry(scene, c2w)
+        assert 0.95 < ang < 10.05
+        assert abs(radii[0] - radii[1]) < 1e-6 and abs(heights[0] - heights[1]) < 0.15
+    diffs = [np.ptp(_pair_geometry(scene, synth.random_pair(scene, rng, H, W, baseline_deg=(1, 10))[0])[1])
+             for _ in range(10)]
+    assert max(diffs) > 0.1
+
+
+def test_random_pair_bad_sampling_options(scene):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="baseline_sampling"):
+        synth.random_pair(scene, rng, H, W, baseline_sampling="cubic")
+    with pytest.raises(ValueError, match="lo > 0"):
+        synth.random_pair(scene, rng, H, W, baseline_deg=(0, 10), baseline_sampling="log")

@@ -140,6 +140,28 @@ def test_synthetic_scenes_deterministic_and_consistent():
     assert v1["img"].shape == (2, 3, 32, 48) and v1["camera_pose"].shape == (2, 4, 4) and v2["pts3d"].dtype == torch.float32
 
 
+def test_synthetic_scenes_baseline_sampling_wired_from_config():
+    """TrainConfig.baseline_sampling / same_ring reach the train and test sets; 'log' gives shorter baselines."""
+    from dust3r_ns.train.loop import TrainConfig, build_datasets
+
+    train, test = build_datasets(TrainConfig(train_pairs=12, test_pairs=2, baseline_deg=(0.5, 60.0),
+                                             baseline_sampling="log", same_ring=1.0))
+    assert (train.baseline_sampling, train.same_ring) == ("log", 1.0) == (test.baseline_sampling, test.same_ring)
+    uni, _ = build_datasets(TrainConfig(train_pairs=12, test_pairs=2, baseline_deg=(0.5, 60.0)))
+    assert (uni.baseline_sampling, uni.same_ring) == ("uniform", 0.0)
+
+    def camera_gaps(ds):  # distance between the two camera centres of each pair
+        return np.array([np.linalg.norm(np.diff([c2w[:3, 3] for _, c2w, _ in ds.render_pair(i, (16, 12))], axis=0))
+                         for i in range(len(ds))])
+
+    # log-uniform separations on one ring: the two cameras are much closer together than uniform independent draws
+    assert np.median(camera_gaps(train)) < 0.5 * np.median(camera_gaps(uni))
+    with pytest.raises(ValueError, match="baseline_sampling"):
+        SyntheticScenes(2, (32, 16), baseline_sampling="cubic")
+    with pytest.raises(ValueError, match="same_ring"):
+        SyntheticScenes(2, (32, 16), same_ring=1.5)
+
+
 def _write_co3d(root, n_frames=12, bad=()):
     rng = np.random.default_rng(0)
     seq = root / "apple" / "seq_a"
@@ -218,8 +240,12 @@ def test_lr_schedule():
 
 def test_presets_and_cli_override():
     for name in ("dust3r_224_linear", "dust3r_512_linear", "dust3r_512_dpt", "synthetic_tiny",
-                 "bundled_tiny_stage1_128", "bundled_tiny_stage1b_128", "bundled_tiny_stage2_224"):
+                 "bundled_tiny_stage1_128", "bundled_tiny_stage1b_128", "bundled_tiny_stage2_224",
+                 "bundled_tiny_stage3_224"):
         assert load_preset(name)["model"].startswith("AsymmetricCroCo3DStereo(")
+    s3 = make_config(["--preset", "bundled_tiny_stage3_224"])
+    assert s3.baseline_sampling == "mixed" and 0 < s3.baseline_deg[0] < 5 and 0 < s3.same_ring < 1
+    assert make_config(["--preset", "bundled_tiny_stage2_224"]).baseline_sampling == "uniform"  # default kept
     cfg = make_config(["--preset", "dust3r_512_linear", "--batch-size", "2"])
     assert cfg.batch_size == 2 and cfg.accum_iter == 2 and len(cfg.resolution) == 10 and "ManyAR" in cfg.model
     with pytest.raises(FileNotFoundError, match="known presets"):

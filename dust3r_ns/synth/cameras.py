@@ -117,23 +117,45 @@ def camera_path(scene: Scene, n: int, baseline: str = "moderate", seed: int = 0,
 
 
 def random_pair(scene: Scene, rng: np.random.Generator, H: int, W: int, baseline_deg: tuple[float, float] = (5, 60),
-                focal_range: tuple[float, float] = (0.8, 1.2)) -> tuple[np.ndarray, np.ndarray]:
-    """Two cameras looking at the objects with an angular separation U(baseline_deg) around them (training pairs).
+                focal_range: tuple[float, float] = (0.8, 1.2), baseline_sampling: str = "uniform",
+                same_ring: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Two cameras looking at the objects, angular separation drawn from baseline_deg around them (training pairs).
 
-    Radii (objects' extent + 1-2.4 m), heights (0.9-1.8 m), aim points (+-0.25 m) and focals differ per camera.
+    baseline_sampling 'uniform': separation U(lo, hi); 'log': log-uniform, exp(U(ln lo, ln hi)) (lo > 0), which puts
+    as many pairs in [lo, 2 lo] as in [hi / 2, hi], i.e. many more short baselines; 'mixed': each draw is uniform or
+    log-uniform with probability 1/2 (short baselines without losing the wide ones). Radii (objects' extent + 1-2.4 m),
+    heights (0.9-1.8 m), aim points (+-0.25 m) and focals differ per camera; with probability `same_ring` both cameras
+    share one radius and height and aim at the centre +-0.08 m instead (neighbours of an orbit or a video, as in
+    `camera_path`). The defaults draw exactly the random numbers of the original sampler.
     Returns (c2w (2,4,4), K (2,3,3)).
     """
+    lo, hi = float(baseline_deg[0]), float(baseline_deg[1])
+    if baseline_sampling not in ("uniform", "log", "mixed"):
+        raise ValueError(f"random_pair: baseline_sampling must be 'uniform', 'log' or 'mixed', "
+                         f"got {baseline_sampling!r}")
+    if not 0.0 <= lo <= hi or (baseline_sampling != "uniform" and lo <= 0.0):
+        raise ValueError(f"random_pair: baseline_deg must be 0 <= lo <= hi (lo > 0 for log sampling), "
+                         f"got {baseline_deg}")
+    ring = bool(rng.random() < same_ring) if same_ring > 0 else False
     target = _target(scene)
     ext = objects_extent(scene, target)
     for attempt in range(200):
         a0 = rng.uniform(0, 2 * np.pi)
-        sep = np.radians(rng.uniform(*baseline_deg)) * rng.choice([-1.0, 1.0])
-        C = _ring(target, np.array([a0, a0 + sep]), (ext + rng.uniform(1.0, 2.4, 2)) * 0.97 ** (attempt // 4),
-                  rng.uniform(0.9, 1.8, 2))
+        log = baseline_sampling == "log" or (baseline_sampling == "mixed" and rng.random() < 0.5)
+        deg = np.exp(rng.uniform(np.log(lo), np.log(hi))) if log else rng.uniform(lo, hi)
+        sep = np.radians(deg) * rng.choice([-1.0, 1.0])
+        shrink = 0.97 ** (attempt // 4)
+        if ring:
+            C = _ring(target, np.array([a0, a0 + sep]), (ext + rng.uniform(1.0, 2.4)) * shrink,
+                      rng.uniform(0.9, 1.8) + rng.normal(0, 0.02, 2))
+        else:
+            C = _ring(target, np.array([a0, a0 + sep]), (ext + rng.uniform(1.0, 2.4, 2)) * shrink,
+                      rng.uniform(0.9, 1.8, 2))
         if camera_ok(scene, C).all():
             break
     else:
         raise ValueError(f"random_pair: no valid camera pair found in scene {scene.seed}")
-    c2w = np.stack([look_at(C[k], target + rng.normal(0, 0.25, 3)) for k in range(2)])
+    aim = 0.08 if ring else 0.25
+    c2w = np.stack([look_at(C[k], target + rng.normal(0, aim, 3)) for k in range(2)])
     K = np.stack([intrinsics(rng.uniform(*focal_range) * max(H, W), H, W) for _ in range(2)])
     return c2w, K

@@ -75,19 +75,28 @@ class PairDataset:
 class SyntheticScenes(PairDataset):
     """Pairs of views of random procedural scenes (dust3r_ns.synth), rendered on the fly with exact depth.
 
-    Deterministic per (seed, index): scene, cameras (angular separation U(baseline_deg)), lighting; colour jitter
-    also depends on the epoch. `cache=True` keeps rendered samples in memory (per process) for later epochs.
+    Deterministic per (seed, index): scene, cameras (angular separation from baseline_deg, uniform, log-uniform or half
+    and half per `baseline_sampling`; both cameras on one radius and height with probability `same_ring`, see
+    `synth.random_pair`), lighting; colour jitter also depends on the epoch. `cache=True` keeps rendered samples in
+    memory (per process) for later epochs.
     """
 
     name = "SyntheticScenes"
 
     def __init__(self, n_pairs: int = 1000, resolution=(224, 224), seed: int = 0, baseline_deg=(5.0, 60.0),
-                 focal_range=(0.8, 1.2), jitter: float = 0.0, cache: bool = False):
+                 focal_range=(0.8, 1.2), jitter: float = 0.0, cache: bool = False, baseline_sampling: str = "uniform",
+                 same_ring: float = 0.0):
         super().__init__(resolution, seed, jitter)
         if n_pairs < 1:
             raise ValueError(f"SyntheticScenes: n_pairs must be >= 1, got {n_pairs}")
         self.n = int(n_pairs)
         self.baseline_deg, self.focal_range = tuple(baseline_deg), tuple(focal_range)
+        if baseline_sampling not in ("uniform", "log", "mixed"):
+            raise ValueError(f"SyntheticScenes: baseline_sampling must be 'uniform', 'log' or 'mixed', got "
+                             f"{baseline_sampling!r}")
+        if not 0.0 <= same_ring <= 1.0:
+            raise ValueError(f"SyntheticScenes: same_ring is a probability in [0, 1], got {same_ring}")
+        self.baseline_sampling, self.same_ring = baseline_sampling, float(same_ring)
         self.cache = cache
         self._cache: dict = {}
 
@@ -104,7 +113,8 @@ class SyntheticScenes(PairDataset):
         rng = np.random.default_rng([self.seed, idx, 5])
         scene = make_scene(int(rng.integers(1 << 30)))
         try:
-            c2w, K = random_pair(scene, rng, H, W, baseline_deg=self.baseline_deg, focal_range=self.focal_range)
+            c2w, K = random_pair(scene, rng, H, W, baseline_deg=self.baseline_deg, focal_range=self.focal_range,
+                                 baseline_sampling=self.baseline_sampling, same_ring=self.same_ring)
         except ValueError as exc:
             raise BadSample(str(exc)) from None
         shadows = bool(rng.random() < 0.7)

@@ -55,6 +55,10 @@ class TrainConfig:
     """Test resolution (W H); default: the first training resolution."""
     baseline_deg: tuple[float, float] = (5.0, 60.0)
     """Synthetic: angular separation range of the two cameras."""
+    baseline_sampling: Literal["uniform", "log", "mixed"] = "uniform"
+    """Synthetic: separation over baseline_deg: uniform, log-uniform (short baselines) or each half the time."""
+    same_ring: float = 0.0
+    """Synthetic: share of pairs whose cameras share one radius and height (orbit/video neighbours)."""
     jitter: float = 0.0
     """Colour jitter strength (training set only)."""
     cache: bool = False
@@ -176,9 +180,10 @@ def build_datasets(cfg: TrainConfig):
 
     test_res = parse_resolution(cfg.test_resolution)[:1] if cfg.test_resolution else parse_resolution(cfg.resolution)[:1]
     if cfg.dataset == "synthetic":
+        sampling = dict(baseline_sampling=cfg.baseline_sampling, same_ring=cfg.same_ring)
         train = SyntheticScenes(cfg.train_pairs, cfg.resolution, cfg.seed, cfg.baseline_deg, jitter=cfg.jitter,
-                                cache=cfg.cache)
-        test = SyntheticScenes(cfg.test_pairs, test_res, cfg.seed + 1_000_003, cfg.baseline_deg, cache=True)
+                                cache=cfg.cache, **sampling)
+        test = SyntheticScenes(cfg.test_pairs, test_res, cfg.seed + 1_000_003, cfg.baseline_deg, cache=True, **sampling)
     else:
         if not cfg.data_root:
             raise ValueError("dataset co3d needs --data-root (the CO3D preprocessing output folder)")
