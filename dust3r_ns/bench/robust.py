@@ -105,13 +105,14 @@ def gt_of(views: list[dict]) -> dict:
 
 def network_case(cfg: RobustBenchConfig, n: int, graph: str) -> tuple[PairPredictions, dict]:
     """The network predictions and ground truth of one case, from the cache or computed (and cached)."""
+    from dust3r_ns.cache import model_identity
     from dust3r_ns.images import make_view
     from dust3r_ns.inference import inference_graph
     from dust3r_ns.model.checkpoint import load_model
     from dust3r_ns.pipeline import default_model_source
 
     source = cfg.model or default_model_source()
-    tag = hashlib.sha1(str(Path(source).resolve() if Path(source).exists() else source).encode()).hexdigest()[:8]
+    tag = hashlib.sha1(model_identity(source).encode()).hexdigest()[:8]     # changes with the weights, not only the path
     root = Path(cfg.cache_dir)
     key = f"n{n}_{cfg.size}_{cfg.baseline}_s{cfg.seed}"
     gt_path = root / f"gt_{key}.npz"

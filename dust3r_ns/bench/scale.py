@@ -87,15 +87,16 @@ def _key(cfg: ScaleBenchConfig, n: int, path: str) -> str:
 
 
 def _model_tag(cfg: ScaleBenchConfig) -> str:
+    from dust3r_ns.cache import model_identity
     from dust3r_ns.pipeline import default_model_source
 
-    source = cfg.model or default_model_source()
-    return hashlib.sha1(str(Path(source).resolve() if Path(source).exists() else source).encode()).hexdigest()[:8]
+    return hashlib.sha1(model_identity(cfg.model or default_model_source()).encode()).hexdigest()[:8]
 
 
 def _case_dir(cfg: ScaleBenchConfig, n: int, path: str, source: str) -> Path:
     tag = _model_tag(cfg) if source == "network" else "oracle"
-    return Path(cfg.cache_dir) / f"{_key(cfg, n, path)}_{cfg.graph}_{tag}"
+    graph = default_scene_graph(n) if cfg.graph == "default" else cfg.graph     # the graph itself, not 'default'
+    return Path(cfg.cache_dir) / f"{_key(cfg, n, path)}_{graph}_{tag}"
 
 
 def _views(cfg: ScaleBenchConfig, n: int, path: str) -> list[dict]:
