@@ -103,16 +103,28 @@ def gt_of(views: list[dict]) -> dict:
                 depth=np.stack([v["depth"] for v in views]), valid=np.stack([v["valid"] for v in views]))
 
 
+def model_tag(source: str) -> str:
+    """Short cache tag of a model source that changes with its weights, not only its path (`cache.model_identity`)."""
+    from dust3r_ns.cache import model_identity
+
+    return hashlib.sha1(model_identity(source).encode()).hexdigest()[:8]
+
+
+def own_edge_rra(c2w: np.ndarray, gt_c2w: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(E',) degrees: the solution's relative rotation error on the graph's own edges (self-edges left out)."""
+    edges = np.asarray(edges)
+    return relative_rotation_errors(c2w, gt_c2w, edges[edges[:, 0] != edges[:, 1]])
+
+
 def network_case(cfg: RobustBenchConfig, n: int, graph: str) -> tuple[PairPredictions, dict]:
     """The network predictions and ground truth of one case, from the cache or computed (and cached)."""
-    from dust3r_ns.cache import model_identity
     from dust3r_ns.images import make_view
     from dust3r_ns.inference import inference_graph
     from dust3r_ns.model.checkpoint import load_model
     from dust3r_ns.pipeline import default_model_source
 
     source = cfg.model or default_model_source()
-    tag = hashlib.sha1(model_identity(source).encode()).hexdigest()[:8]     # changes with the weights, not only the path
+    tag = model_tag(source)
     root = Path(cfg.cache_dir)
     key = f"n{n}_{cfg.size}_{cfg.baseline}_s{cfg.seed}"
     gt_path = root / f"gt_{key}.npz"
@@ -276,8 +288,7 @@ def align_run(preds: PairPredictions, gt: dict, robust: bool, gross: np.ndarray)
     rec = global_align(preds, AlignConfig().replace(robust=robust), verbose=False)
     sec = time.perf_counter() - t0
     pm = pose_metrics(rec.c2w, gt["c2w"])
-    own = preds.edges[preds.edges[:, 0] != preds.edges[:, 1]]
-    edge_rra = relative_rotation_errors(rec.c2w, gt["c2w"], own)
+    edge_rra = own_edge_rra(rec.c2w, gt["c2w"], preds.edges)
     rej = np.array([int(k) for k in str(rec.meta.get("rejected_edges", "")).split(",") if k], np.int64)
     return dict(robust=robust, rra_mean_deg=pm["rra_mean_deg"], rra_max_deg=pm["rra_max_deg"],
                 edge_rra_median_deg=float(np.median(edge_rra)), edge_rra_mean_deg=float(edge_rra.mean()),

@@ -22,7 +22,6 @@ of both (the alignment should grow about linearly in pairs).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from dust3r_ns.bench.common import run_isolated
-from dust3r_ns.bench.robust import angle_ratios, edge_rotations, gt_of, render_orbit, write_npz
+from dust3r_ns.bench.robust import angle_ratios, edge_rotations, gt_of, model_tag, own_edge_rra, render_orbit, write_npz
 from dust3r_ns.fileio import atomic_write
 from dust3r_ns.pairs import default_scene_graph
 
@@ -87,10 +86,9 @@ def _key(cfg: ScaleBenchConfig, n: int, path: str) -> str:
 
 
 def _model_tag(cfg: ScaleBenchConfig) -> str:
-    from dust3r_ns.cache import model_identity
     from dust3r_ns.pipeline import default_model_source
 
-    return hashlib.sha1(model_identity(cfg.model or default_model_source()).encode()).hexdigest()[:8]
+    return model_tag(cfg.model or default_model_source())
 
 
 def _case_dir(cfg: ScaleBenchConfig, n: int, path: str, source: str) -> Path:
@@ -190,7 +188,7 @@ def predict_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
 def align_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
     """(child process) Align the case's cached predictions (fast mode, defaults); pose errors against the truth."""
     from dust3r_ns.align import global_align
-    from dust3r_ns.metrics import pose_metrics, relative_rotation_errors
+    from dust3r_ns.metrics import pose_metrics
     from dust3r_ns.predictions import PairPredictions
 
     cfg = ScaleBenchConfig(**cfg_dict)
@@ -204,8 +202,7 @@ def align_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
     with np.load(Path(cfg.cache_dir) / f"gt_{_key(cfg, n, path)}.npz") as z:
         c2w = z["c2w"]
     pm = pose_metrics(rec.c2w, c2w)
-    own = preds.edges[preds.edges[:, 0] != preds.edges[:, 1]]
-    edge_rra = relative_rotation_errors(rec.c2w, c2w, own)
+    edge_rra = own_edge_rra(rec.c2w, c2w, preds.edges)
     return dict(align_s=sec, align_cpu_s=cpu, ate_pct=pm["ate_pct"], rra_mean_deg=pm["rra_mean_deg"], rra_max_deg=pm["rra_max_deg"],
                 edge_rra_median_deg=float(np.median(edge_rra)),
                 edges_rejected=int(rec.meta.get("edges_rejected", 0)), iterations=int(rec.meta["iterations"]),
