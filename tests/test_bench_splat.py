@@ -64,6 +64,8 @@ def test_rows_differ_from_the_method_only_in_initialisation(tmp_path):
         assert m.footprint_scale == b.footprint_scale
         assert splat.trainer_config(tmp_path, tmp_path, row, 7, 123, 55, footprint_scale=1.25
                                     ).pipeline.model.footprint_scale == 1.25
+        assert splat.trainer_config(tmp_path, tmp_path, row, 7, 123, 55, downscales=0
+                                    ).pipeline.model.num_downscales == 0
     with pytest.raises(ValueError, match="unknown row"):
         splat.trainer_config(tmp_path, tmp_path, "colmap", 1, 1)
 

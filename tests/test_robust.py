@@ -35,6 +35,27 @@ def test_keep_structure_never_disconnects_or_orphans_an_image():
     assert len(kept) < len(edges)                         # but redundant edges did go
 
 
+def test_keep_structure_incremental_matches_checking_every_remainder():
+    from dust3r_ns.align.robust import _ok
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        N = int(rng.integers(2, 12))
+        E = int(rng.integers(1, 4 * N))
+        edges = rng.integers(0, N, size=(E, 2))
+        if trial % 3 == 0:                                 # a ring (+ its reverse): bridges only after drops
+            edges = np.concatenate([edges, [(k, (k + 1) % N) for k in range(N)], [((k + 1) % N, k) for k in range(N)]])
+        order = rng.permutation(len(edges))[: int(rng.integers(0, len(edges) + 1))].tolist()
+        order = order + order[: len(order) // 3]           # repeated indices are no-ops
+        want = np.ones(len(edges), bool)                   # the definition: drop if the remainder passes `_ok`
+        for k in order:
+            was = want[k]
+            want[k] = False
+            if not _ok(N, edges[want]):
+                want[k] = was
+        assert np.array_equal(keep_structure(N, edges, order), want), trial
+
+
 def _ring_rotations(n: int, step_deg: float) -> torch.Tensor:
     ax = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
     return torch.stack([so3_exp(ax * np.radians(step_deg * k)) for k in range(n)])

@@ -16,7 +16,7 @@ from .baseline import solve_baseline
 from .config import AlignConfig
 from .data import AlignError, PairData, as_predictions, pair_data
 from .edges import fit_edges
-from .fast import POLISH_ITER, auto_stride, solve_fast
+from .fast import POLISH_ITER, auto_stride, finish_full_res, solve_fast
 from .init import mst_init
 from .problem import Constraints, State, apply_known_poses, edge_chunks, objective, sub_depth
 from .robust import detect_outliers, drop_edges, misfit_outliers, readmit_edges, restore_edges
@@ -43,7 +43,9 @@ def estimate_memory(n_images: int, n_edges: int, H: int, W: int, mode: str, stor
     chunk by chunk) + their coarse copies + the solver's working set (per-image maps and one chunk of edges)."""
     px = H * W
     s = auto_stride(H, W)
-    coarse = n_edges * -(-H // s) * -(-W // s) * 8 * (4 if on_disk else store_bytes)
+    # coarse stacks: points (6 values a pixel) in the stacks' dtype (a store's own dtype when on disk), weights (2) in
+    # the stacks' dtype, float32 when read from a store
+    coarse = n_edges * -(-H // s) * -(-W // s) * (6 * store_bytes + 2 * (4 if on_disk else store_bytes))
     preds = 0 if on_disk else n_edges * px * 8 * store_bytes
     if mode == "baseline":
         # autograd keeps float copies, transformed maps, gathered world points, differences and gradients per edge
@@ -143,8 +145,8 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     # memory check before stacking anything
     N, n_pairs = preds.n_images, preds.n_edges
     H, W = (int(x) for x in preds.shapes.max(0))
-    store_bytes = torch.empty((), dtype=dtype).element_size()
     on_disk = preds.on_disk
+    store_bytes = torch.empty((), dtype=preds.dtype if on_disk else dtype).element_size()   # (disk: the store's)
     if on_disk and mode != "fast":
         raise AlignError("predictions in a pair store on disk align in mode='fast' only; use --align.mode fast or "
                          "keep them in memory (--store float16)")
@@ -189,14 +191,19 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     stats: dict[str, Any] = dict(iterations=0)
     if N > 2:
         if mode == "fast":
+            # while robust rounds may still change the edges, the solves stop after their coarse phase; the
+            # full-resolution phase (several passes over every full-size map) runs once, at the end
             fast_opts = dict(max_iter=100 if niter is None else niter, tol=cfg.tol, coarse=coarse, verbose=verbose,
-                             polish_iter=0 if cons.pose_mask is not None or data.on_disk else POLISH_ITER)
+                             polish_iter=0 if cons.pose_mask is not None or data.on_disk else POLISH_ITER,
+                             full_res=not robust)
             stats = solve_fast(data, st, free, **fast_opts)
+            last = stats
 
             def resume() -> None:      # the solve continued after the edge set changed
-                more = solve_fast(data, st, free, **fast_opts)
-                stats["iterations"] += more["iterations"]
-                stats["polish_iterations"] = stats.get("polish_iterations", 0) + more["polish_iterations"]
+                nonlocal last
+                last = solve_fast(data, st, free, **fast_opts)
+                stats["iterations"] += last["iterations"]
+                stats["polish_iterations"] = stats.get("polish_iterations", 0) + last["polish_iterations"]
 
             for _ in range(rob.rounds if robust else 0):
                 # and by misfit after it: edges that the solution cannot explain are dropped, the solve resumed
@@ -214,6 +221,11 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
                     rejected &= ~readmitted
                     restore_edges(saved, readmitted)
                     resume()
+            if last["full_res_pending"]:
+                _fine, polish, _div = finish_full_res(data, st, free, last["eps"], polish_iter=fast_opts["polish_iter"],
+                                                      diverged=last["diverged"], tol=cfg.tol, accel=last["accel"],
+                                                      verbose=verbose)
+                stats["polish_iterations"] = stats.get("polish_iterations", 0) + len(polish)
             if cons.pose_mask is not None:
                 apply_known_poses(st, cons)
                 fit_edges(coarse, st, irls_eps=None, depth=sub_depth(st.depth, coarse.stride))

@@ -132,10 +132,11 @@ class PairData:
 
     def _coarse_streamed(self, stride: int, elems: int = 1 << 22) -> "PairData":
         """`coarse` of stored maps: edge chunks of about `elems` values read, sub-sampled and copied into the
-        in-memory stacks (float32 weights, points in `DiskMaps` dtype upcast to float32)."""
+        in-memory stacks (float32 weights; points in the `DiskMaps` dtype, as the in-memory stacks keep theirs: the
+        solver's passes upcast them chunk by chunk, so float16 maps cost no precision and half the memory)."""
         E, (H, W) = self.n_edges, self.HW
         h, w = -(-H // stride), -(-W // stride)
-        pts = [torch.empty(E, 3, h, w) for _ in range(2)]          # channels-first storage, seen as [E, h, w, 3]
+        pts = [torch.empty(E, 3, h, w, dtype=self.pts1.dtype) for _ in range(2)]    # channels-first, seen as [E, h, w, 3]
         ws = [torch.empty(E, h, w) for _ in range(2)]
         per = max(1, elems // (H * W * 3))
         for a in range(0, E, per):
@@ -145,7 +146,7 @@ class PairData:
                 if not bool(torch.isfinite(x).all()):
                     raise AlignError(f"{p.path}: NaN/inf points in edges {sl.start}..{sl.stop - 1}; check the "
                                      "network output (fp16 overflow?) and run `dust3r-ns infer` again")
-                pts[k][sl] = x.permute(0, 3, 1, 2)
+                pts[k][sl] = x.permute(0, 3, 1, 2)          # (back to the stored dtype: exact)
                 ws[k][sl] = wt[sl][:, ::stride, ::stride]
         cl = lambda t: t.permute(0, 2, 3, 1)  # noqa: E731
         return PairData(edges=self.edges, pts1=cl(pts[0]), pts2=cl(pts[1]), w1=ws[0], w2=ws[1], shapes=self.shapes,

@@ -22,7 +22,8 @@ from .problem import State, apply_sim, apply_sim_cf, areas, channels_first, dist
 @torch.no_grad()
 def accumulate_targets(data: PairData, st: State, X: torch.Tensor, eps: float, loss_out: list | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """IRLS-weighted mean of the edges' transformed point maps per image: Y [N, h, w, 3], A [N, h, w] total weight
+    """IRLS-weighted mean of the edges' transformed point maps per image: Y [N, h, w, 3] (channels-first storage),
+    A [N, h, w] total weight
     (weights log-conf / max(|X - P_e(p)|, eps)).
 
     X: current world points [N, h, w, 3] on the data's grid (for the IRLS weights). loss_out: if given, the
@@ -44,7 +45,7 @@ def accumulate_targets(data: PairData, st: State, X: torch.Tensor, eps: float, l
         A.index_add_(0, img, wt)
     if loss_out is not None:
         loss_out.append(loss)
-    Y = (Ysum / A.clamp_min(1e-30)[:, None]).reshape(N, 3, h, w).permute(0, 2, 3, 1).contiguous()
+    Y = Ysum.div_(A.clamp_min(1e-30)[:, None]).reshape(N, 3, h, w).permute(0, 2, 3, 1)   # (in place: no copy)
     return Y, A.reshape(N, h, w)
 
 
@@ -77,7 +78,7 @@ def median_depth(data: PairData, st: State, floor: float, max_elems: int | None 
     predictions of that image: a robust one-shot estimate of the depth minimising the L2-norm loss.
 
     Vectorised over images: each image's candidates (one per edge side that shows it) are padded to the largest
-    count K (depth +inf, weight 0) and sorted together; images are taken in chunks of at most `max_elems` K*H*W
+    count K of its chunk (depth +inf, weight 0) and sorted together; images are taken in chunks of at most `max_elems` K*H*W
     (default: 1M on CUDA, where each chunk costs kernel launches, and one image per chunk on CPUs, where only the
     memory counts). Depths are clamped to `floor`; pixels without candidates keep st.depth when it is on the data's
     grid.
@@ -99,6 +100,7 @@ def median_depth(data: PairData, st: State, floor: float, max_elems: int | None 
     step = max(1, max_elems // max(K * H * W, 1))
     for a in range(0, N, step):
         imgs = range(a, min(N, a + step))
+        K = max(1, max(len(slots[n]) for n in imgs))      # the chunk's own count: no padding to the graph's hubs
         d = torch.full((len(imgs), K, H * W), math.inf, device=dev)
         w = torch.zeros(len(imgs), K, H * W, device=dev)
         for side, pts in ((1, data.pts1), (2, data.pts2)):

@@ -59,7 +59,8 @@ def _irls_eps(depth: torch.Tensor) -> float:
 def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 100, tol: float = 1e-5,
                stride: int | None = None, coarse: PairData | None = None, cam_iters: int = 1, fine_iter: int = 8,
                polish_iter: int = POLISH_ITER, warn_cap: bool = True, extrapolate: float = 1.0, accel: str = "auto",
-               aa_m: int = 5, window: int = 5, joint: bool = True, verbose: bool = False) -> dict:
+               aa_m: int = 5, window: int = 5, joint: bool = True, full_res: bool = True, verbose: bool = False
+               ) -> dict:
     """Run the fast solver in place on `st` (full-resolution state). Returns stats (iterations, losses, times).
 
     coarse: the sub-sampled data (built from `stride` when not given; stride None = auto).
@@ -73,6 +74,10 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 100
     window: the early stop compares the loss with the one `window` iterations back.
     joint: the joint camera/edge Gauss-Newton step after each edge fit (False: the plain block loop).
     warn_cap: warn when the coarse phase stops at `max_iter` without converging (RuntimeWarning).
+    full_res: False stops after the coarse phase, with `st.depth` the coarse depths replicated onto the full grid
+        (so `sub_depth(st.depth, stride)` gives them back exactly and a later solve resumes from them);
+        `finish_full_res` then runs the full-resolution phase once (`global_align` does so while its robust rounds
+        may still change the edges: each full-resolution phase costs several passes over every full-size map).
     """
     H, W = data.HW
     if coarse is None:
@@ -96,33 +101,12 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 100
     t_coarse = time.perf_counter() - t0
     final: list[float] = []
     polish: list[float] = []
-    if s > 1:
-        # full resolution, cameras and edges fixed: start from the per-pixel weighted median of the edges' depth
-        # candidates (robust to outliers), then IRLS passes of the closed-form depth until the loss settles
-        depth = median_depth(data, st, floor=0.1 * eps)
-        prevf, prev_depth = math.inf, depth
-        for k in range(fine_iter):   # IRLS passes, kept only while they lower the loss
-            fl: list[float] = []
-            X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)
-            Y, A = accumulate_targets(data, st, X, eps, loss_out=fl)
-            del X
-            final.append(fl[0])
-            if fl[0] >= prevf:
-                depth = prev_depth
-                break
-            prev_depth, prevf = depth, fl[0]
-            depth = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, depth, data.stride, floor=0.1 * eps)
-            del Y, A
-            if math.isfinite(prevf) and k > 0 and abs(final[-2] - fl[0]) <= 10 * tol * abs(final[-2]):
-                break
-        if polish_iter > 0 and not run["diverged"]:
-            cur, eps, prun = _descend(data, st.snapshot(depth=depth), eps, max_iter=polish_iter,
-                                      label="align fast (polish)", **opts)
-            st.assign(cur, depth=False)
-            depth = cur.depth
-            polish = prun["losses"]
-            run["diverged"] = prun["diverged"]   # (the polish went back to its best iterate: warn as for the coarse)
-        st.depth = depth
+    if s > 1 and not full_res:
+        st.depth = replicate_depth(cur.depth, s, H, W)
+    elif s > 1:
+        final, polish, diverged = finish_full_res(data, st, cons, eps, fine_iter, polish_iter, run["diverged"],
+                                                  **{k: v for k, v in opts.items() if k != "cons"})
+        run["diverged"] = diverged
     else:
         st.depth = cur.depth
     if run["diverged"]:
@@ -140,7 +124,54 @@ def solve_fast(data: PairData, st: State, cons: Constraints, max_iter: int = 100
                       stacklevel=3)
     return dict(iterations=len(losses), converged=run["converged"], diverged=run["diverged"], stride=s,
                 coarse_losses=losses, fine_losses=final, polish_losses=polish, polish_iterations=len(polish),
-                t_coarse=t_coarse, t_total=time.perf_counter() - t0)
+                t_coarse=t_coarse, t_total=time.perf_counter() - t0, eps=eps, accel=accel,
+                full_res_pending=s > 1 and not full_res)
+
+
+def replicate_depth(depth: torch.Tensor, s: int, H: int, W: int) -> torch.Tensor:
+    """Coarse depth maps [N, h, w] (pixel (r, c) = full pixel (s r, s c)) replicated onto the full grid [N, H, W]
+    (each s x s block takes its corner's value): `sub_depth` of the result is `depth` again."""
+    return depth.repeat_interleave(s, 1).repeat_interleave(s, 2)[:, :H, :W].contiguous()
+
+
+@torch.no_grad()
+def finish_full_res(data: PairData, st: State, cons: Constraints, eps: float, fine_iter: int = 8,
+                    polish_iter: int = POLISH_ITER, diverged: bool = False, tol: float = 1e-5, cam_iters: int = 1,
+                    accel: str = "extrapolate", extrapolate: float = 1.0, aa_m: int = 5, window: int = 5,
+                    verbose: bool = False, joint: bool = True) -> tuple[list[float], list[float], bool]:
+    """The full-resolution phase after a coarse solve, in place on `st` (cameras and edges from the coarse grid):
+    every pixel's depth is the log-conf weighted median of its edges' depth candidates (robust to outliers), refined
+    by IRLS passes of the closed-form depth kept only while they lower the loss; then (unless `diverged`)
+    `polish_iter` iterations of the whole loop at full resolution. Returns (depth-pass losses, polish losses,
+    diverged)."""
+    final: list[float] = []
+    polish: list[float] = []
+    depth = median_depth(data, st, floor=0.1 * eps)
+    prevf, prev_depth = math.inf, depth
+    for k in range(fine_iter):   # IRLS passes, kept only while they lower the loss
+        fl: list[float] = []
+        X = world_points(st.c2w, st.focal, st.pp, depth, data.stride)
+        Y, A = accumulate_targets(data, st, X, eps, loss_out=fl)
+        del X
+        final.append(fl[0])
+        if fl[0] >= prevf:
+            depth = prev_depth
+            break
+        prev_depth, prevf = depth, fl[0]
+        depth = depth_from_targets(Y, A, st.c2w, st.focal, st.pp, depth, data.stride, floor=0.1 * eps)
+        del Y, A
+        if math.isfinite(prevf) and k > 0 and abs(final[-2] - fl[0]) <= 10 * tol * abs(final[-2]):
+            break
+    if polish_iter > 0 and not diverged:
+        cur, eps, prun = _descend(data, st.snapshot(depth=depth), eps, cons, max_iter=polish_iter, tol=tol,
+                                  cam_iters=cam_iters, accel=accel, extrapolate=extrapolate, aa_m=aa_m,
+                                  window=window, verbose=verbose, label="align fast (polish)", joint=joint)
+        st.assign(cur, depth=False)
+        depth = cur.depth
+        polish = prun["losses"]
+        diverged = prun["diverged"]   # (the polish went back to its best iterate: warn as for the coarse)
+    st.depth = depth
+    return final, polish, diverged
 
 
 def _descend(pd: PairData, cur: State, eps: float, cons: Constraints, max_iter: int, tol: float, cam_iters: int,

@@ -10,6 +10,8 @@ depth the scaled own map's z; the edges finally get their similarities to these 
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import torch
 
@@ -61,7 +63,7 @@ def mst_init(data: PairData, cons: Constraints, verbose: bool = False, coarse: P
         key = (min(i, j), max(i, j))
         if key not in best or score[k] > score[best[key]]:
             best[key] = k
-    pts_world: list[torch.Tensor | None] = [None] * N
+    Xw = torch.empty(N, H, W, 3, device=dev)                      # [N, H, W, 3] world points, filled in tree order
     conf = lambda k, side: data.conf(side, k)  # noqa: E731
     P = lambda k, side: (data.pts1 if side == 1 else data.pts2)[k].float()       # noqa: E731
     done = np.zeros(N, bool)
@@ -69,31 +71,43 @@ def mst_init(data: PairData, cons: Constraints, verbose: bool = False, coarse: P
         if N > 1:
             raise AlignError(f"the pair graph has no pair between distinct images ({N} images); use make_pairs(...)")
         k = int(np.argmax(score))
-        pts_world[0] = P(k, 1)
+        Xw[0] = P(k, 1)
         done[0] = True
     else:
+        # Prim: a heap of the best edges leaving the placed images (-score, edge), stale entries skipped
+        touching: list[list[int]] = [[] for _ in range(N)]
+        for (a, b), k in best.items():
+            touching[a].append(k)
+            touching[b].append(k)
         k0 = max(best.values(), key=lambda k: score[k])
+        heap: list[tuple[float, int]] = []
+
+        def place(n: int) -> None:
+            done[n] = True
+            for k in touching[n]:
+                heapq.heappush(heap, (-float(score[k]), k))
+
         i, j = edges[k0]
-        pts_world[i], pts_world[j] = P(k0, 1), P(k0, 2)
-        done[[i, j]] = True
+        Xw[i], Xw[j] = P(k0, 1), P(k0, 2)
+        place(i), place(j)
         while not done.all():
-            cand = [k for (a, b), k in best.items() if done[a] != done[b]]
-            if not cand:
+            while heap and done[edges[heap[0][1], 0]] == done[edges[heap[0][1], 1]]:
+                heapq.heappop(heap)
+            if not heap:
                 left = np.nonzero(~done)[0].tolist()
                 got = np.nonzero(done)[0].tolist()
                 raise AlignError(f"the pair graph is disconnected: images {left} share no pair with images {got}; "
                                  "add pairs between them (e.g. scene_graph='complete' or a larger 'swin-k' window)")
-            k = max(cand, key=lambda k: score[k])
+            k = heapq.heappop(heap)[1]
             i, j = edges[k]
             if done[i]:   # align pts1 (i's points) to the world, carry j's points
-                s, R, t = umeyama(P(k, 1).reshape(1, -1, 3), pts_world[i].reshape(1, -1, 3), conf(k, 1).reshape(1, -1))
-                pts_world[j] = s[0] * P(k, 2) @ R[0].T + t[0]
-                done[j] = True
+                s, R, t = umeyama(P(k, 1).reshape(1, -1, 3), Xw[i].reshape(1, -1, 3), conf(k, 1).reshape(1, -1))
+                Xw[j] = s[0] * P(k, 2) @ R[0].T + t[0]
+                place(j)
             else:
-                s, R, t = umeyama(P(k, 2).reshape(1, -1, 3), pts_world[j].reshape(1, -1, 3), conf(k, 2).reshape(1, -1))
-                pts_world[i] = s[0] * P(k, 1) @ R[0].T + t[0]
-                done[i] = True
-    Xw = torch.stack(pts_world)                                   # [N, H, W, 3]
+                s, R, t = umeyama(P(k, 2).reshape(1, -1, 3), Xw[j].reshape(1, -1, 3), conf(k, 2).reshape(1, -1))
+                Xw[i] = s[0] * P(k, 1) @ R[0].T + t[0]
+                place(i)
     shapes_t = torch.as_tensor(data.shapes, device=dev, dtype=torch.float32)
     pp = torch.stack([shapes_t[:, 1] / 2, shapes_t[:, 0] / 2], -1)
     if cons.known_pp is not None:
@@ -109,10 +123,19 @@ def mst_init(data: PairData, cons: Constraints, verbose: bool = False, coarse: P
     has_first = torch.as_tensor(first >= 0, device=dev)
     idx_first = torch.as_tensor(np.where(first >= 0, first, 0), device=dev)
     pc = data.pts1[idx_first].float()                             # [N, H, W, 3] camera-frame points
-    wc = data.weights(1, idx_first) if N > 0 else None
     valid = data.valid()
-    f_est = estimate_focal(pc, pp, (wc + 1e-6) * valid, shapes=shapes_t)
-    s, R, t = umeyama(pc.reshape(N, -1, 3), Xw.reshape(N, -1, 3), (data.conf(1, idx_first) * valid).reshape(N, -1))
+    # per image: focal (Weiszfeld) and the similarity own points -> world points, in chunks of images (the fits
+    # are per image: chunking bounds their temporaries, not their values)
+    f_est, s, R, t = torch.empty(N, device=dev), torch.empty(N, device=dev), torch.empty(N, 3, 3, device=dev), \
+        torch.empty(N, 3, device=dev)
+    step = max(1, (1 << 22) // (H * W))
+    for a in range(0, N, step):
+        b = min(N, a + step)
+        ks = idx_first[a:b]
+        wc = data.weights(1, ks)
+        f_est[a:b] = estimate_focal(pc[a:b], pp[a:b], (wc + 1e-6) * valid[a:b], shapes=shapes_t[a:b])
+        s[a:b], R[a:b], t[a:b] = umeyama(pc[a:b].reshape(b - a, -1, 3), Xw[a:b].reshape(b - a, -1, 3),
+                                         (data.conf(1, ks) * valid[a:b]).reshape(b - a, -1))
     if global_step and N > 2 and bool(has_first.all()):
         # replace the tree-chained cameras by the pose-graph averages over every edge
         lam, Rg, Cg = pose_graph_average(coarse, coarse.pts1[idx_first].float(), torch.as_tensor(score), R)

@@ -84,15 +84,16 @@ class State:
 
 def world_points(c2w: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor, depth: torch.Tensor,
                  stride: int = 1) -> torch.Tensor:
-    """World points [N, h, w, 3] of depth maps [N, h, w] on a grid sub-sampled by `stride`
-    (pixel (r, c) -> (u, v) = (stride c, stride r)): R_n d ((u - cx) / f, (v - cy) / f, 1) + C_n."""
+    """World points [N, h, w, 3] (a view of channels-first storage [N, 3, h, w]) of depth maps [N, h, w] on a grid
+    sub-sampled by `stride` (pixel (r, c) -> (u, v) = (stride c, stride r)): R_n d ((u - cx) / f, (v - cy) / f, 1) + C_n."""
     N, h, w = depth.shape
     u, v = pixel_grid(h * stride, w * stride, depth.device, depth.dtype, stride)
     u, v = u[:h, :w], v[:h, :w]
     x = (u[None] - pp[:, 0, None, None]) / focal[:, None, None] * depth
     y = (v[None] - pp[:, 1, None, None]) / focal[:, None, None] * depth
-    pc = torch.stack([x, y, depth], -1)
-    return torch.einsum("nij,nhwj->nhwi", c2w[:, :3, :3], pc) + c2w[:, None, None, :3, 3]
+    pc = torch.stack([x, y, depth], 1).reshape(N, 3, h * w)                               # [N, 3, M]
+    X = torch.baddbmm(c2w[:, :3, 3, None].to(pc.dtype), c2w[:, :3, :3].to(pc.dtype), pc)  # [N, 3, M]
+    return X.reshape(N, 3, h, w).permute(0, 2, 3, 1)    # channels-first storage: `channels_first` of it is free
 
 
 def apply_sim(s: torch.Tensor, R: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

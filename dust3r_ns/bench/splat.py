@@ -77,6 +77,10 @@ class SplatBenchConfig:
     footprint_scale: float = -1.0
     """Seeded rows' initial Gaussian scale in pixel footprints (`--pipeline.model.footprint-scale`; 0: splatfacto's
     nearest-neighbour scales); negative: `dust3r-splatfacto`'s default."""
+    downscales: int = -1
+    """splatfacto's `num_downscales` of every row: the first `resolution_schedule` (3000) steps train at 1/2^k size,
+    so a budget of a few hundred iterations with the method's default (2) trains at 1/4 size throughout. 0: full size
+    from the start; negative: the method's default."""
     rows: list[str] = field(default_factory=lambda: list(ROWS))
     """Rows to run: gt, dust3r, dust3r-refine, random."""
     register_steps: int = 100
@@ -182,10 +186,11 @@ def save_folder(folder: Path, rec, photos: list[Path]) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- training
 def trainer_config(data: Path, out: Path, row: str, iterations: int, max_points: int, num_seeds: int = 0,
-                   footprint_scale: float = -1.0):
+                   footprint_scale: float = -1.0, downscales: int = -1):
     """`dust3r-splatfacto`'s TrainerConfig for one bench row: only data, budget, point cap, initialisation (seed
-    scales: `footprint_scale` >= 0 replaces the method's) and (for rows without refinement) the camera optimizer
-    differ from what `ns-train dust3r-splatfacto` runs."""
+    scales: `footprint_scale` >= 0 replaces the method's), the training resolution schedule (`downscales` >= 0
+    replaces splatfacto's `num_downscales`) and (for rows without refinement) the camera optimizer differ from what
+    `ns-train dust3r-splatfacto` runs."""
     from dust3r_ns.nerfstudio.method import make_config
     from dust3r_ns.pipeline import PointsConfig
 
@@ -207,6 +212,8 @@ def trainer_config(data: Path, out: Path, row: str, iterations: int, max_points:
     model = tc.pipeline.model
     if footprint_scale >= 0:
         model.footprint_scale = float(footprint_scale)
+    if downscales >= 0:
+        model.num_downscales = int(downscales)
     if row in ("gt", "dust3r"):
         model.camera_optimizer.mode = "off"
     elif row == "dust3r-refine" and model.camera_optimizer.mode == "off":
@@ -408,7 +415,8 @@ def run_case(seed: int, n_train: int, cfg: SplatBenchConfig, work: Path) -> list
         n_seeds = len(rec.pointcloud(max_points=cfg.max_points)[0])
     for row in cfg.rows:
         data = folders["gt" if row == "gt" else "dust3r"]
-        tc = trainer_config(data, root / "outputs", row, cfg.iterations, cfg.max_points, n_seeds, cfg.footprint_scale)
+        tc = trainer_config(data, root / "outputs", row, cfg.iterations, cfg.max_points, n_seeds, cfg.footprint_scale,
+                            cfg.downscales)
         torch.manual_seed(0)   # every row starts from the same random state (random points, quaternions)
         pipeline, seconds = train(tc)
         t0 = time.perf_counter()
@@ -418,6 +426,7 @@ def run_case(seed: int, n_train: int, cfg: SplatBenchConfig, work: Path) -> list
                    dust3r_s=t_dust3r if row != "gt" else math.nan,
                    gaussians=int(pipeline.model.num_points), camera_opt=pipeline.model.camera_optimizer.config.mode,
                    footprint_scale=pipeline.model.config.footprint_scale,
+                   downscales=pipeline.model.config.num_downscales,
                    train_names=names, held_out=[f"arc_{k:02d}" for k in case["test_idx"]],
                    train_arc=[f"arc_{k:02d}" for k in case["train_idx"]],
                    protocol=protocol(cfg))
