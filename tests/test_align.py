@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -140,6 +141,35 @@ def test_known_intrinsics_honoured_exactly_net_and_orig():
     assert rec2.names == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]
     np.testing.assert_array_equal(rec2.orig_sizes[0], [128, 96])
     assert focal_err(rec2, gt) < 0.05
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3])
+def test_camera_step_with_a_shared_focal_matches_the_dense_arrow_system(lam):
+    """`cameras.lm_step` eliminates the per-image unknowns around the shared focal: the same step as assembling the
+    (9N)^2 system (focal row and column summed over the images) and solving it densely, unused entries included."""
+    from dust3r_ns.align.cameras import lm_step
+
+    g = torch.Generator().manual_seed(0)
+    N = 7
+    J = torch.randn(N, 30, 9, generator=g, dtype=torch.float64)
+    H = J.transpose(1, 2) @ J
+    H[2, 7:9] = 0                               # unused principal point of one image
+    H[2, :, 7:9] = 0
+    grad = torch.randn(N, 9, generator=g, dtype=torch.float64)
+    grad[2, 7:9] = 0
+    idx = torch.arange(N * 9).reshape(N, 9)
+    idx[:, 6] = 6
+    Hg = torch.zeros(9 * N, 9 * N, dtype=torch.float64)
+    Hg.index_put_((idx[:, :, None].expand(N, 9, 9).reshape(-1), idx[:, None, :].expand(N, 9, 9).reshape(-1)),
+                  H.reshape(-1), accumulate=True)
+    gg = torch.zeros(9 * N, dtype=torch.float64).index_add_(0, idx.reshape(-1), grad.reshape(-1))
+    h = Hg.diagonal()
+    ref = torch.linalg.solve(Hg + torch.diag(lam * h + (h <= 0).double() + 1e-12), gg)[idx]
+    got = lm_step(H, grad, lam, shared_focal=True)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+    assert bool((got[:, 6] == got[0, 6]).all())
+    indep = lm_step(H, grad, lam, shared_focal=False)            # N independent 9x9 systems
+    assert float((indep[:, 6] - indep[0, 6]).abs().max()) > 1e-6
 
 
 def test_shared_focal_is_shared():
@@ -471,6 +501,35 @@ def test_joint_step_converges_in_fewer_iterations_to_a_lower_loss(seed):
         losses.append(objective(data, st))
     assert its[0] < 0.75 * its[1]
     assert losses[0] < losses[1]
+
+
+@pytest.mark.parametrize("pin,shared_focal", [(False, False), (True, False), (False, True)])
+def test_joint_step_pcg_solve_matches_the_dense_solve(monkeypatch, pin, shared_focal):
+    """The image system solved by block-Jacobi PCG (above `DENSE_MAX_IMAGES` images) gives the dense LU solve's
+    step: the same cameras, focals, edges and depth gains to 1e-7 relative, with the gauge multiplier eliminated,
+    known poses held and a shared focal left alone."""
+    synth = pytest.importorskip("dust3r_ns.synth")
+    from dust3r_ns.align import joint
+    from dust3r_ns.align.edges import fit_edges_joint
+
+    data = _noisy_synth_data(synth, 4, n=6)
+    fixed = torch.zeros(data.n_images, dtype=torch.bool)
+    fixed[:2] = pin
+    cons = Constraints(pose_mask=fixed if pin else None, shared_focal=shared_focal)
+    st0 = mst_init(data, Constraints())
+    got = []
+    for dense_max in (10**9, 0):
+        monkeypatch.setattr(joint, "DENSE_MAX_IMAGES", dense_max)
+        st = copy.deepcopy(st0)
+        _, depth = fit_edges_joint(data, st, 1e-3, st.depth.clone(), cons)
+        got.append((st, depth))
+    (a, da), (b, db) = got
+    assert float((a.c2w - st0.c2w).abs().max()) > 1e-4            # the step moved the cameras
+    for u, v in [(a.c2w, b.c2w), (a.focal, b.focal), (a.R, b.R), (a.s, b.s), (a.t, b.t), (da, db)]:
+        torch.testing.assert_close(v, u, rtol=1e-6, atol=1e-6)
+    assert torch.equal(b.c2w[fixed], st0.c2w[fixed])
+    if shared_focal:
+        assert torch.equal(b.focal, st0.focal)
 
 
 def test_full_resolution_polish_lowers_the_loss():

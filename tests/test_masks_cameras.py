@@ -110,7 +110,9 @@ def test_masks_remove_pixels_from_alignment_and_point_cloud(tmp_path):
     masked = align_inputs(bad, cfg, masks=MasksConfig(masks=masks), device="cpu", verbose=False)
     e_plain = pose_metrics(plain.c2w, gt["c2w"])["rra_mean_deg"]
     e_masked = pose_metrics(masked.c2w, gt["c2w"])["rra_mean_deg"]
-    assert e_masked < 0.1 * e_plain     # the corrupted half pulls the unmasked alignment off
+    # the corrupted half pulls the unmasked alignment off (little since the IRLS solver and its full-resolution
+    # phase: 1.6e-3 deg against 1.6e-4 masked, measured); masked, the toy's exact pairs give the truth
+    assert e_masked < 0.2 * e_plain and e_masked < 1e-3
     assert plain.image_masks is None and masked.meta["masks_dir"] == str(masks.resolve())
     assert masked.image_masks[1][:, : W // 2].sum() == 0 and masked.image_masks[1][:, W // 2:].all()
     _, _, src = masked.pointcloud(conf_thr=1.0, max_points=None)

@@ -49,7 +49,8 @@ def relative_similarities(data: PairData, own: torch.Tensor) -> tuple[torch.Tens
 
 def _laplacian_solve(i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, rhs: torch.Tensor, N: int,
                      gauge: int) -> torch.Tensor:
-    """x [N, k] minimising sum_e w_e ||x_j - x_i - rhs_e||^2 with x[gauge] = 0 (float64, dense graph Laplacian)."""
+    """x [N, k] minimising sum_e w_e ||x_j - x_i - rhs_e||^2 with x[gauge] = 0 (float64, dense graph Laplacian,
+    Cholesky)."""
     L = torch.zeros(N, N, dtype=torch.float64)
     L.index_put_((i, i), w, accumulate=True)
     L.index_put_((j, j), w, accumulate=True)
@@ -62,7 +63,11 @@ def _laplacian_solve(i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, rhs: tor
     L[:, gauge] = 0
     L[gauge, gauge] = 1
     b[gauge] = 0
-    return torch.linalg.solve(L + 1e-12 * torch.eye(N, dtype=torch.float64), b)
+    L.diagonal().add_(1e-12)
+    try:     # symmetric positive definite with the gauge row (connected graph): Cholesky, half an LU's work
+        return torch.cholesky_solve(b, torch.linalg.cholesky(L))
+    except RuntimeError:   # not positive definite (a disconnected image): LU
+        return torch.linalg.solve(L, b)
 
 
 def average_rotations(i, j, Rrel, w, R0, gauge: int, iters: int = 30, delta: float = 0.02) -> torch.Tensor:

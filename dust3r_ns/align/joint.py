@@ -15,7 +15,9 @@ rotation w_e, scale sigma_e and translation dt_e of Y_p = s_e R_e P_p + t_e (b_p
 one 7x7 moment matrix per edge side, sum w [X; P; 1][X; P; 1]^T (`joint_moments`), from which the Umeyama moments of
 the edge fit are also read (`umeyama_sums`). The edges are eliminated per edge (7x7 blocks), leaving an 8N x 8N system
 on the images, plus one Lagrange multiplier for the scale gauge (sum of the edge log-scales held) and a penalty that
-fixes the free global rotation and translation (mean pose increment zero) unless cameras are known.
+fixes the free global rotation and translation (mean pose increment zero) unless cameras are known. That system is
+solved densely (LU, O(N^3)) up to DENSE_MAX_IMAGES images and above by preconditioned conjugate gradients on its
+per-edge blocks (O(E) per iteration), the multiplier eliminated exactly (`solve_images_dense`, `solve_images_pcg`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ MAX_ANGLE = 0.05          # rad: a larger rotation increment scales the whole st
 SCALE_RANGE = (0.5, 2.0)  # bounds of one step's depth-map, focal and edge scale factors
 NU = 8                    # unknowns per image: rotation (3), centre (3), depth scale, log-focal
 NE = 7                    # unknowns per edge: rotation (3), scale, translation (3)
+DENSE_MAX_IMAGES = 256    # up to this many images the image system is solved densely, above by PCG (O(E) per step)
+PCG_RTOL = 1e-9           # relative residual at which the PCG solve stops
+PCG_MAX_ITER = 1000
 
 
 def _bases() -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +78,113 @@ def umeyama_sums(M7: torch.Tensor) -> torch.Tensor:
     G[:, 4, :3] = M7[:, 6, 3:6]                                     # sum w P
     G[:, 4, 3] = M7[:, 6, 6]                                        # sum w
     return G
+
+
+def _pose_penalty(diag: torch.Tensor, N: int) -> tuple[float, torch.Tensor]:
+    """rho and the [NU] pose mask of the penalty rho |sum_n (w_n, dC_n)|^2 that pins the global rotation and
+    translation; diag [N * NU] the system's diagonal (rho = its mean pose entry / N)."""
+    pose = torch.zeros(NU, dtype=diag.dtype)
+    pose[:6] = 1.0
+    return float(diag.reshape(N, NU)[:, :6].mean()) / N, pose
+
+
+def solve_images_dense(blocks: torch.Tensor, idx: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor,
+                       border: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, pin_mean_pose: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """Solve the image system of `joint_step` densely (LU): S x + col lam = rhs, col^T x + d lam = r_n.
+
+    blocks [E, 2NU, 2NU] per-edge Schur complements scattered at idx [E, 2NU] into S [n, n]; rhs [n]; free [n] bool
+    unknowns that move (the others are 0); border (col [n], d, r_n) of the scale-gauge multiplier or None;
+    pin_mean_pose: add the penalty of `_pose_penalty`. Returns x [n] and lam (0.0 without border)."""
+    n = rhs.shape[0]
+    N = n // NU
+    K = n + int(border is not None)
+    S = torch.zeros(K, K, dtype=blocks.dtype)
+    S.index_put_((idx[:, :, None].expand(-1, -1, 2 * NU), idx[:, None, :].expand(-1, 2 * NU, -1)), blocks,
+                 accumulate=True)
+    b = torch.zeros(K, dtype=blocks.dtype)
+    b[:n] = rhs
+    if border is not None:
+        col, d, rn = border
+        S[:n, n] = col
+        S[n, :n] = col
+        S[n, n] = d
+        b[n] = rn
+    if pin_mean_pose:
+        rho, pose = _pose_penalty(S[:n, :n].diagonal(), N)
+        S[:n, :n] += rho * torch.kron(torch.ones(N, N, dtype=S.dtype), torch.diag(pose))
+    keep = torch.cat([free, torch.ones(K - n, dtype=torch.bool)])
+    x = torch.zeros(K, dtype=blocks.dtype)
+    x[keep] = torch.linalg.solve(S[keep][:, keep], b[keep])
+    return x[:n], (x[n] if border is not None else 0.0)
+
+
+def solve_images_pcg(blocks: torch.Tensor, idx: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor,
+                     border: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, pin_mean_pose: bool,
+                     rtol: float = PCG_RTOL, max_iter: int = PCG_MAX_ITER, stats: dict | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """`solve_images_dense` without forming S: conjugate gradients with a block-Jacobi (one NU x NU block per image)
+    preconditioner, O(E) per iteration instead of O(N^3) once.
+
+    The multiplier is eliminated exactly: d < 0 (minus a sum of the edges' positive scale variances), so
+    lam = (r_n - col^T x) / d and (S + col col^T / |d|) x = rhs + col r_n / |d|, symmetric positive definite with
+    the pose penalty (a rank-6 term, applied as such). Stops when |residual| <= rtol |rhs| or after max_iter;
+    stats, if given, receives the iterations and the final relative residual."""
+    n = rhs.shape[0]
+    N = n // NU
+    f64 = blocks.dtype
+    m = free.to(f64)
+    flat = idx.reshape(-1)
+    img = idx[:, ::NU] // NU                                                         # [E, 2]
+    D = torch.zeros(N, NU, NU, dtype=f64)                                            # diagonal blocks of S
+    D.index_add_(0, img[:, 0], blocks[:, :NU, :NU])
+    D.index_add_(0, img[:, 1], blocks[:, NU:, NU:])
+    rho, pose = _pose_penalty(D.diagonal(dim1=1, dim2=2).reshape(-1), N) if pin_mean_pose else (0.0, None)
+    b = rhs.clone()
+    if border is not None:
+        col, d, rn = border
+        inv_d = 1.0 / float(-d)
+        b += col * (float(rn) * inv_d)
+        cn = col.reshape(N, NU)
+        D += inv_d * cn[:, :, None] * cn[:, None, :]
+    if pose is not None:
+        D += rho * torch.diag(pose)
+    mm = m.reshape(N, NU)
+    D = D * mm[:, :, None] * mm[:, None, :] + torch.diag_embed(1.0 - mm)
+    Dinv = torch.linalg.inv(D)
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        y = torch.zeros(n, dtype=f64).index_add_(0, flat, torch.bmm(blocks, v[idx][..., None]).reshape(-1))
+        if pose is not None:
+            y.view(N, NU).add_(rho * pose * (v.view(N, NU) * pose).sum(0))
+        if border is not None:
+            y += col * (float(col @ v) * inv_d)
+        return y * m
+
+    def precondition(v: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(Dinv, v.view(N, NU, 1)).reshape(-1)
+
+    b = b * m
+    x = torch.zeros(n, dtype=f64)
+    r = b.clone()
+    z = precondition(r)
+    p = z.clone()
+    rz = float(r @ z)
+    stop = rtol * float(b.norm())
+    it = 0
+    while it < max_iter and float(r.norm()) > stop:
+        it += 1
+        Ap = apply(p)
+        alpha = rz / float(p @ Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        z = precondition(r)
+        rz, rz_old = float(r @ z), rz
+        p = z + (rz / rz_old) * p
+    if stats is not None:
+        stats.update(iterations=it, residual=float(r.norm()) / max(float(b.norm()), 1e-300))
+    lam = (float(rn) - float(col @ x)) / float(d) if border is not None else 0.0
+    return x, lam
 
 
 @torch.no_grad()
@@ -136,9 +248,6 @@ def joint_step(edges: torch.Tensor, st: State, M7: torch.Tensor, pose_fixed: tor
     Hinv = torch.where(good[:, None, None], Hinv, torch.zeros_like(Hinv))
     n = NU * N
     use_gauge = gauge and bool(good.any())
-    K = n + int(use_gauge)
-    S = torch.zeros(K, K, dtype=f64)
-    rhs = torch.zeros(K, dtype=f64)
     idx = (NU * img[..., None] + torch.arange(NU)).reshape(E, 2 * NU)              # the edge's image unknowns
     Hc = torch.zeros(E, 2 * NU, 2 * NU, dtype=f64)
     Hc[:, :NU, :NU] = Hcc[:, 0]
@@ -147,36 +256,27 @@ def joint_step(edges: torch.Tensor, st: State, M7: torch.Tensor, pose_fixed: tor
     gcat = torch.cat([gc[:, 0], gc[:, 1]], 1)                                       # [E, 2NU]
     HeHinv = He @ Hinv
     blocks = Hc - HeHinv @ He.transpose(1, 2)                                        # Schur complement, per edge
-    S.index_put_((idx[:, :, None].expand(-1, -1, 2 * NU), idx[:, None, :].expand(-1, 2 * NU, -1)), blocks,
-                 accumulate=True)
-    rhs.index_put_((idx,), -gcat + (HeHinv @ ge[..., None])[..., 0], accumulate=True)
-    if use_gauge:   # Lagrange multiplier of sum sigma_e = 0
-        col = -HeHinv[:, :, 3]
-        S.index_put_((idx, torch.full_like(idx, n)), col, accumulate=True)
-        S.index_put_((torch.full_like(idx, n), idx), col, accumulate=True)
-        S[n, n] = -Hinv[:, 3, 3].sum()
-        rhs[n] = (Hinv[:, 3] * ge).sum()
+    rhs = torch.zeros(n, dtype=f64).index_put_((idx,), -gcat + (HeHinv @ ge[..., None])[..., 0], accumulate=True)
+    border = None
+    if use_gauge:   # Lagrange multiplier of sum sigma_e = 0: column, corner and right-hand side of its row
+        col = torch.zeros(n, dtype=f64).index_put_((idx,), -HeHinv[:, :, 3], accumulate=True)
+        border = (col, -Hinv[:, 3, 3].sum(), (Hinv[:, 3] * ge).sum())
     free = torch.ones(N, NU, dtype=torch.bool)
     free[:, 7] = False if focal_free is None else focal_free.cpu()
-    if pose_fixed is not None and bool(pose_fixed.any()):
+    pin = pose_fixed is not None and bool(pose_fixed.any())
+    if pin:
         free[pose_fixed.cpu(), :6] = False
-    else:   # the global rotation and translation: pinned by a zero mean pose increment
-        pose = torch.zeros(NU, dtype=f64)
-        pose[:6] = 1.0
-        rho = S[:n, :n].diagonal().reshape(N, NU)[:, :6].mean() / N
-        S[:n, :n] += rho * torch.kron(torch.ones(N, N, dtype=f64), torch.diag(pose))
     focal_moves = free[:, 7].clone()
-    keep = torch.cat([free.reshape(-1), torch.ones(K - n, dtype=torch.bool)])
-    x = torch.zeros(K, dtype=f64)
+    solve = solve_images_dense if N <= DENSE_MAX_IMAGES else solve_images_pcg
     try:
-        x[keep] = torch.linalg.solve(S[keep][:, keep], rhs[keep])
+        x, lam = solve(blocks, idx, rhs, free.reshape(-1), border, pin_mean_pose=not pin)
     except RuntimeError:
         return None
     xc = x[:n].reshape(N, NU)
     xcat = torch.cat([xc[img[:, 0]], xc[img[:, 1]]], 1)
     rhs_e = ge + (He.transpose(1, 2) @ xcat[..., None])[..., 0]
     if use_gauge:
-        rhs_e[:, 3] += x[n]
+        rhs_e[:, 3] += lam
     xe = -(Hinv @ rhs_e[..., None])[..., 0]                                         # [E, NE]
     if not (torch.isfinite(xc).all() and torch.isfinite(xe).all()):
         return None
