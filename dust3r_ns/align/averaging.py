@@ -64,9 +64,9 @@ def _laplacian_solve(i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, rhs: tor
     L[gauge, gauge] = 1
     b[gauge] = 0
     L.diagonal().add_(1e-12)
-    try:     # symmetric positive definite with the gauge row (connected graph): Cholesky, half an LU's work
+    try:     # symmetric positive definite (gauge row, 1e-12 on the diagonal): Cholesky, half an LU's work
         return torch.cholesky_solve(b, torch.linalg.cholesky(L))
-    except RuntimeError:   # not positive definite (a disconnected image): LU
+    except RuntimeError:   # numerically not positive definite (weights spanning too many decades): LU
         return torch.linalg.solve(L, b)
 
 

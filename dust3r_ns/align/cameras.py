@@ -8,7 +8,6 @@ point-to-ray distance). Levenberg-Marquardt on the 9 unknowns per camera, float6
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from dust3r_ns.geometry import so3_exp
