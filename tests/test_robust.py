@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -233,3 +234,52 @@ def test_angle_ratios_read_a_systematic_over_rotation_per_bin():
     out = angle_ratios(pred, true, err, gross_deg=45.0)
     assert out["0-5"] == pytest.approx(1.8) and out["5-10"] == pytest.approx(1.3)
     assert out["20-40"] == pytest.approx(1.1) and out["40-180"] == pytest.approx(1.0)   # the gross edge is left out
+
+
+def test_a_readmitted_edge_that_the_re_solved_poses_cannot_explain_goes_out_again(orbit_case, monkeypatch):
+    # one ordered edge between neighbours is made wrong by a moderate 18 deg: above the rejection threshold (10 deg),
+    # below the re-admission one (30 deg). The consensus is forced to reject it together with a good edge; after the
+    # solve both are re-admitted on trial, and only the good one stays within trial_deg (12 deg here) of the
+    # re-solved poses
+    import dust3r_ns.align.api as api
+    from dust3r_ns.align import robust
+
+    preds, gt = orbit_case
+    E = preds.edges
+    fwd = [k for k, (a, b) in enumerate(E) if b == a + 1]
+    wrong, good = fwd[3], fwd[7]
+    pts2 = preds.pts2.clone()
+    p = pts2[wrong].double().reshape(-1, 3)
+    c = p.mean(0)
+    pts2[wrong] = ((p - c) @ so3_exp(torch.tensor([0.0, math.radians(18.0), 0.0], dtype=torch.float64)).T + c
+                   ).reshape(pts2[wrong].shape).to(pts2.dtype)
+    bad = PairPredictions(images=preds.images, edges=E, pts1=preds.pts1, pts2=pts2, conf1=preds.conf1,
+                          conf2=preds.conf2)
+    forced = np.zeros(len(E), bool)
+    forced[[wrong, good]] = True
+
+    def eager(data, cfg):
+        rej, rep = robust.detect_outliers(data, cfg)
+        return rej | forced, rep
+
+    calls = []
+    real = api.readmit_edges
+
+    def spy(*args):
+        out = real(*args)
+        calls.append((args[5].copy(), out[0].copy(), out[1].copy()))   # (candidates, re-admitted, residuals)
+        return out
+
+    monkeypatch.setattr(api, "detect_outliers", eager)
+    monkeypatch.setattr(api, "readmit_edges", spy)
+    rob = dataclasses.replace(AlignConfig().robust, readmit_deg=30.0, trial_deg=12.0)
+    rec = global_align(bad, AlignConfig().replace(robust=rob), verbose=False)
+    rejected = np.zeros(len(E), bool)
+    rejected[[int(k) for k in rec.meta["rejected_edges"].split(",") if k]] = True
+    assert len(calls) == 2
+    (_, first, res1), (trial, kept, res2) = calls
+    assert first[wrong] and first[good] and 10.0 < res1[wrong] < 30.0         # both came back on trial
+    assert (trial == first).all() and kept[good] and not kept[wrong]
+    assert res2[wrong] > 12.0 and res2[good] < 10.0
+    assert rejected[wrong] and not rejected[good]                              # the wrong one went out again
+    assert rec.meta["edges_readmitted"] == int(kept.sum())

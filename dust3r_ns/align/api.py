@@ -214,13 +214,23 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
                 drop_edges([data, coarse], new)
                 resume()
             if robust and rob.readmit and candidates.any():
-                # consensus rejections that the solved poses explain come back (`robust.readmit_edges`)
-                readmitted, _res = readmit_edges(st.c2w, data.edges_np, report["Rrel"], report["weight"], rejected,
-                                                 candidates, rob.readmit_deg, rob.reject_factor)
-                if readmitted.any():
-                    rejected &= ~readmitted
-                    restore_edges(saved, readmitted)
+                # consensus rejections that the solved poses explain come back (`robust.readmit_edges`), on trial:
+                # those the poses re-solved with them still cannot explain (trial_deg, reject_factor) go out again:
+                # a wrong edge pulls the poses when re-admitted, yet stays off them
+                back, _res = readmit_edges(st.c2w, data.edges_np, report["Rrel"], report["weight"], rejected,
+                                           candidates, rob.readmit_deg, rob.reject_factor)
+                if back.any():
+                    rejected &= ~back
+                    restore_edges(saved, back)
                     resume()
+                    kept, _res = readmit_edges(st.c2w, data.edges_np, report["Rrel"], report["weight"], rejected,
+                                               back, rob.trial_deg, rob.reject_factor)
+                    out = back & ~kept
+                    if out.any():
+                        rejected |= out
+                        drop_edges([data, coarse], out)
+                        resume()
+                    readmitted = kept
             if last["full_res_pending"]:
                 _fine, polish, _div = finish_full_res(data, st, free, last["eps"], polish_iter=fast_opts["polish_iter"],
                                                       diverged=last["diverged"], tol=cfg.tol, accel=last["accel"],

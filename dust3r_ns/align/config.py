@@ -41,6 +41,10 @@ class RobustConfig:
     readmit_deg: float = 30.0
     """Re-admit when the edge's rotation residual against the solved poses is below this (degrees), or below
     reject_factor times the weighted median residual of the kept edges if that is larger."""
+    trial_deg: float = 20.0
+    """A re-admitted edge stays when its residual against the poses re-solved with it is below this (degrees), or
+    below reject_factor times the weighted median residual of the kept edges if that is larger; else it goes out
+    again (inf: every re-admitted edge stays)."""
     seed: int = 0
     """Seed of the perturbed spanning trees (results are deterministic)."""
 

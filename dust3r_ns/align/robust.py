@@ -18,7 +18,9 @@ strongest (short, confident) pairs, so systematic errors of those pairs bend it,
 that hold a long sequence rigid, can disagree with it beyond the threshold. The solve weighs all kept pairs by
 their points, so each edge rejected for its rotation is checked again against the solved camera rotations and
 comes back (the solve resumed) when its residual is within max(readmit_deg, reject_factor x the weighted median
-residual of the kept edges).
+residual of the kept edges). That is on trial: a wrong edge re-admitted pulls the poses towards itself, yet the
+poses re-solved with it still disagree with it, so each re-admitted edge whose residual against them exceeds
+max(trial_deg, reject_factor x the weighted median) goes out again (the solve resumed once more).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`Dust3rSplatfactoModel`: nerfstudio's splatfacto with offline and CPU fallbacks for DUSt3R-seeded scenes.
 
 On a CUDA machine rendering is splatfacto's own (gsplat), untouched. The differences everywhere:
+- the camera optimizer (SO3xR3 joint pose refinement) is on by default;
 - seed colours are set here (splatfacto's own colour initialisation calls `.cuda()` unconditionally);
 - the LPIPS metric needs AlexNet weights from the internet: when they cannot be loaded (offline) LPIPS is
   reported as NaN, with one warning, instead of failing model construction.
@@ -25,6 +26,7 @@ from typing import Dict, Iterator, List, Type, Union
 import torch
 from torch import Tensor, nn
 
+from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
 
@@ -88,6 +90,9 @@ class Dust3rSplatfactoModelConfig(SplatfactoModelConfig):
     """splatfacto for DUSt3R-seeded scenes (CPU fallback rasterizer when CUDA is absent; LPIPS optional)."""
 
     _target: Type = field(default_factory=lambda: Dust3rSplatfactoModel)
+    camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="SO3xR3"))
+    """Joint pose refinement of the DUSt3R cameras (learning rate: the method's `camera_opt` optimizer); `off` trains
+    on the poses as given."""
     cpu_chunk_elems: int = 1 << 21
     """CPU rasterizer only: pixel x Gaussian elements composited per band (bounds memory)."""
     cpu_tile_size: int = 8
