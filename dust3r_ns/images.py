@@ -2,7 +2,9 @@
 
 Size 512: resize so the long side is 512 (LANCZOS when shrinking, BICUBIC otherwise), then centre-crop both sides
 to multiples of 16 (square images are cropped to 4:3). Size 224: resize the short side to ~224, then centre-crop a
-square. Each view also records how to map pixels back to the original image:
+square; with ``full_frame`` (not the reference's choice) the long side is instead centre-cropped to a multiple of 16
+only, so a 4:3 photo keeps 288 of its 299 columns rather than the middle 224. Each view also records how to map
+pixels back to the original image:
 ``net = (orig + 0.5) * (sx, sy) - 0.5 - (x0, y0)`` (``transform`` = (sx, sy, x0, y0)).
 
 Decoding (`decode_rgb`): EXIF orientation applied, then 8-bit RGB: 16/32-bit integer greyscale is scaled by
@@ -159,10 +161,11 @@ def check_size(size: int) -> int:
     return int(size)
 
 
-def preprocess(img: Image.Image, size: int, square_ok: bool = False, label: str = "image"):
+def preprocess(img: Image.Image, size: int, square_ok: bool = False, label: str = "image", full_frame: bool = False):
     """Reference resize + crop of an upright RGB image. Returns (cropped PIL image, transform (sx, sy, x0, y0)).
 
-    `label` names the image in errors (its path)."""
+    `full_frame` (size 224 only): both sides centre-cropped to multiples of 16 instead of the square crop (module
+    doc). `label` names the image in errors (its path)."""
     size = check_size(size)
     W1, H1 = img.size
     if size == 224:
@@ -171,12 +174,12 @@ def preprocess(img: Image.Image, size: int, square_ok: bool = False, label: str 
         resized = _resize_long_side(img, size)
     W, H = resized.size
     cx, cy = W // 2, H // 2
-    if size == 224:
+    if size == 224 and not full_frame:
         half = min(cx, cy)
         box = (cx - half, cy - half, cx + half, cy + half)
     else:
         halfw, halfh = ((2 * cx) // 16) * 8, ((2 * cy) // 16) * 8
-        if not square_ok and W == H:
+        if size == 512 and not square_ok and W == H:
             halfh = 3 * halfw // 4
         box = (cx - halfw, cy - halfh, cx + halfw, cy + halfh)
     if box[2] - box[0] < MIN_SIDE or box[3] - box[1] < MIN_SIDE:
@@ -270,9 +273,9 @@ def make_view(idx: int, rgb: np.ndarray | None = None, img: torch.Tensor | None 
     return View(idx=int(idx), img=img, info=info)
 
 
-def _view(img: Image.Image, size: int, idx: int, name: str, path: str, square_ok: bool) -> View:
+def _view(img: Image.Image, size: int, idx: int, name: str, path: str, square_ok: bool, full_frame: bool) -> View:
     orig_size = img.size
-    crop, transform = preprocess(img, size, square_ok, label=path or name)
+    crop, transform = preprocess(img, size, square_ok, label=path or name, full_frame=full_frame)
     return make_view(idx, rgb=np.array(crop, dtype=np.uint8), name=name, path=path, orig_size=orig_size,
                      transform=transform)
 
@@ -289,8 +292,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbose: bool = False) -> list[View]:
-    """Load and preprocess images: a folder (undecodable files skipped with a warning) or a list of files (strict).
+def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbose: bool = False,
+                full_frame: bool = False) -> list[View]:
+    """Load and preprocess images: a folder (undecodable files skipped with a warning) or a list of files (strict);
+    `square_ok`, `full_frame`: `preprocess`.
 
     Returns one `View` per image, indexed 0..N-1 in input order (a folder: sorted by name).
     """
@@ -309,7 +314,7 @@ def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbo
         if name in names:
             raise ImageError(f"{path}: another input has the same file name {name!r}; rename one of them")
         try:
-            view = _view(open_rgb(path), size, len(views), name, str(path), square_ok)
+            view = _view(open_rgb(path), size, len(views), name, str(path), square_ok, full_frame)
         except ImageError as e:
             if strict:
                 raise
@@ -325,7 +330,7 @@ def load_images(paths_or_folder, size: int = 512, square_ok: bool = False, verbo
     return views
 
 
-def images_from_arrays(arrays, size: int = 512, square_ok: bool = False) -> list[View]:
+def images_from_arrays(arrays, size: int = 512, square_ok: bool = False, full_frame: bool = False) -> list[View]:
     """Same preprocessing for in-memory uint8 (H,W,3) arrays, named image_000.png, ..."""
     size = check_size(size)
     views = []
@@ -336,5 +341,5 @@ def images_from_arrays(arrays, size: int = 512, square_ok: bool = False) -> list
         if min(a.shape[:2]) < MIN_SIDE:
             raise ImageError(f"array {i}: image is {a.shape[1]}x{a.shape[0]} pixels, too small (< {MIN_SIDE} px); "
                              "use a larger image")
-        views.append(_view(Image.fromarray(a), size, i, f"image_{i:03d}.png", "", square_ok))
+        views.append(_view(Image.fromarray(a), size, i, f"image_{i:03d}.png", "", square_ok, full_frame))
     return views

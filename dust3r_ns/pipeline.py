@@ -65,6 +65,9 @@ class PairsConfig:
 
     image_size: Annotated[Optional[int], tyro.conf.arg(aliases=("--size",))] = None
     """Network image size (224 or 512); None: from the model."""
+    full_frame: bool = False
+    """At size 224, feed the whole frame (short side 224, long side cropped to a multiple of 16) instead of the
+    reference's centre square, which leaves a 4:3 photo's outer quarter out of the poses and the points."""
     scene_graph: Optional[str] = None
     """complete, swin-k, logwin-k, oneref-k (+ -noncyclic); None: chosen from the number of images."""
 
@@ -182,7 +185,7 @@ def load_views(images: Sequence[str | Path] | str | Path, pairs: PairsConfig, ne
             images = images[0]
     if isinstance(images, (str, Path)) and is_video(images):
         images = frames_folder(images, video)
-    return load_images(images, size=pairs.image_size or image_size_of(net))
+    return load_images(images, size=pairs.image_size or image_size_of(net), full_frame=pairs.full_frame)
 
 
 def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConfig = PairsConfig(),

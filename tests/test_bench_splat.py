@@ -160,3 +160,13 @@ def test_coarse_to_fine_registration_recovers_a_misplaced_pose():
     assert all(p.requires_grad for p in model.parameters())   # the splat's flags are restored
     with pytest.raises(ValueError, match="register-downscale"):
         splat.register_pyramid(model, start, K, image, [], 1, 1e-3)
+
+
+def test_full_frame_reaches_the_dust3r_rows(tmp_path):
+    """--full-frame: the DUSt3R rows' reconstruction saw the whole 4:3 photos (288x224), and is cached apart from the
+    reference-crop one."""
+    case = splat.make_case(3, 3, 1, 24, 32, "moderate")
+    photos = splat.write_photos(tmp_path / "photos", case["train"])
+    sq, ff = (splat.dust3r_reconstruction(photos, tmp_path / "cache", full_frame=f) for f in (False, True))
+    assert np.shape(sq.depths[0]) == (224, 224) and np.shape(ff.depths[0]) == (224, 288)
+    assert len(list((tmp_path / "cache").glob("*/reconstruction.npz"))) == 2

@@ -45,6 +45,18 @@ def test_infer_writes_pairs(tiny_model, photos, tmp_path):
     assert preds.names == ["p0.png", "p1.png", "p2.png"] and preds.images[1].path == str(photos / "p1.png")
 
 
+def test_full_frame_feeds_the_224_network_the_whole_photo(tiny_model, photos, tmp_path):
+    """--full-frame: 80x60 photos enter a 224 model as 288x224 (not the 224x224 centre square) and the cameras are
+    still expressed in the photos' own pixels (principal point at their centre)."""
+    out = tmp_path / "pairs.npz"
+    assert main(["infer", str(photos), "--model", tiny_model, "--out", str(out), "--full-frame"]) == 0
+    assert PairPredictions.load(out).pts1.shape == (6, 224, 288, 3)
+    assert main(["reconstruct", str(photos), "--model", tiny_model, "--out", str(tmp_path / "rec"), "--full-frame",
+                 "--no-use-cache"]) == 0
+    rec = Reconstruction.load(tmp_path / "rec" / "reconstruction.npz")
+    assert rec.transforms[:, 2].tolist() == [5.0] * 3 and np.abs(rec.K_orig[:, :2, 2] - [39.5, 29.5]).max() < 0.5
+
+
 def test_reconstruct_with_disk_store_cleans_up(tiny_model, photos, tmp_path, monkeypatch):
     # --store disk: the pair store is written under the cache folder (not the working folder) and removed after
     # the alignment

@@ -27,14 +27,15 @@ def test_golden_preprocessing(golden_dir):
         assert torch.allclose(view.img, expect, atol=1e-6)
 
 
-@pytest.mark.parametrize("size,wh", [(512, (640, 480)), (512, (333, 777)), (224, (640, 480)), (224, (300, 1024))])
-def test_transform_maps_original_pixels(size, wh):
+@pytest.mark.parametrize("size,wh,full", [(512, (640, 480), False), (512, (333, 777), False), (224, (640, 480), False),
+                                          (224, (300, 1024), False), (224, (640, 480), True), (224, (300, 1024), True)])
+def test_transform_maps_original_pixels(size, wh, full):
     """A bright block at a known original position lands where `transform` says."""
     W, H = wh
     img = np.zeros((H, W, 3), np.uint8)
     u0, v0 = int(W * 0.55), int(H * 0.45)
     img[v0 - 6 : v0 + 7, u0 - 6 : u0 + 7] = 255
-    view = images_from_arrays([img], size=size)[0]
+    view = images_from_arrays([img], size=size, full_frame=full)[0]
     mass = view.rgb[..., 0].astype(np.float64)
     vs, us = np.nonzero(mass > 0)
     w = mass[vs, us]
@@ -42,6 +43,21 @@ def test_transform_maps_original_pixels(size, wh):
     predicted = pixel_orig_to_net(np.array([u0, v0], np.float64), view.transform)
     assert np.abs(centre_net - predicted).max() < 0.5
     assert tuple(view.orig_size) == (W, H)
+
+
+def test_full_frame_keeps_the_sides_that_the_224_square_crop_drops():
+    """full_frame at 224: short side 224, long side cropped to a multiple of 16 only (a 4:3 photo: 224x288 instead of
+    224x224), so a mark near the left edge survives; square photos and size 512 are unchanged."""
+    img = np.zeros((480, 640, 3), np.uint8)
+    img[230:250, 40:60] = 255                                   # 40 px from the left edge: outside the square crop
+    square, full = (images_from_arrays([img], size=224, full_frame=f)[0] for f in (False, True))
+    assert square.rgb.shape == (224, 224, 3) and full.rgb.shape == (224, 288, 3)
+    assert square.rgb.max() == 0 and full.rgb.max() > 200
+    assert full.transform[2] == (299 - 288) // 2 and full.transform[3] == 0
+    sq = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    for a, size in ((sq, 224), (img, 512), (sq, 512)):
+        ref, ff = (images_from_arrays([a], size=size, full_frame=f)[0] for f in (False, True))
+        assert np.array_equal(ref.rgb, ff.rgb) and np.array_equal(ref.transform, ff.transform)
 
 
 def test_folder_skips_bad_files_with_warning(tmp_path):
