@@ -26,14 +26,15 @@ def is_retrieval(scene_graph: str) -> bool:
     return isinstance(scene_graph, str) and RETRIEVAL.fullmatch(scene_graph.strip()) is not None
 
 
-def _parse_retrieval(scene_graph: str) -> tuple[int, int, int]:
-    """(K, F, W) of `retrieval-K[+far[-F]][+swin-W]` (`+far` without F: every doubling rank, F = 62)."""
+def _parse_retrieval(scene_graph: str) -> tuple[int, int | None, int]:
+    """(K, F, W) of `retrieval-K[+far[-F]][+swin-W]`: F = 0 without far links, None for `+far` alone (every doubling
+    rank that exists)."""
     s = scene_graph.strip()
     m = RETRIEVAL.fullmatch(s)
     if m is None:
         raise ValueError(f"unknown scene graph {scene_graph!r}; use {GRAPH_HELP}")
     k = RETRIEVAL_K if m.group(1) is None else int(m.group(1))
-    f = (62 if "+far" in s else 0) if m.group(2) is None else int(m.group(2))
+    f = (None if "+far" in s else 0) if m.group(2) is None else int(m.group(2))
     w = 0 if m.group(3) is None else int(m.group(3))
     if k < 1 or (m.group(2) is not None and f < 1) or (m.group(3) is not None and w < 1):
         raise ValueError(f"scene graph {scene_graph!r}: K, F and W must be >= 1")
@@ -136,7 +137,11 @@ def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize
     np.fill_diagonal(S, -np.inf)
     found: set[tuple[int, int]] = set()
     order = np.argsort(-S, axis=1, kind="stable")[:, : n - 1]      # [N, N-1] others by similarity
-    ranks = list(range(min(k, n - 1))) + [(k << f) - 1 for f in range(1, far + 1) if (k << f) <= n - 1]
+    ranks = list(range(min(k, n - 1)))
+    f = 1
+    while (far is None or f <= far) and (k << f) <= n - 1:     # far links at ranks 2K, 4K, ... (1-based)
+        ranks.append((k << f) - 1)
+        f += 1
     for i in range(n):
         for j in order[i, ranks]:
             found.add((min(i, int(j)), max(i, int(j))))

@@ -170,3 +170,25 @@ def test_full_frame_reaches_the_dust3r_rows(tmp_path):
     sq, ff = (splat.dust3r_reconstruction(photos, tmp_path / "cache", full_frame=f) for f in (False, True))
     assert np.shape(sq.depths[0]) == (224, 224) and np.shape(ff.depths[0]) == (224, 288)
     assert len(list((tmp_path / "cache").glob("*/reconstruction.npz"))) == 2
+
+
+def test_model_option_reaches_the_dust3r_rows(tmp_path):
+    """--model: the DUSt3R rows reconstruct with the given checkpoint (here the bundled model with its decoder's last
+    block rescaled), cached apart from the bundled model's reconstruction."""
+    import torch
+
+    from dust3r_ns.model import checkpoint as C
+    from dust3r_ns.pipeline import default_model_source
+
+    model = C.load_model(default_model_source())
+    with torch.no_grad():
+        for p in model.dec_blocks[-1].parameters():
+            p.mul_(1.5)
+    other = C.save_hf(model, tmp_path / "other")
+    case = splat.make_case(3, 3, 1, 24, 32, "moderate")
+    photos = splat.write_photos(tmp_path / "photos", case["train"])
+    bundled, again = (splat.dust3r_reconstruction(photos, tmp_path / "cache") for _ in range(2))
+    mine = splat.dust3r_reconstruction(photos, tmp_path / "cache", model=str(other))
+    assert np.array_equal(bundled.depths[0], again.depths[0])          # the second call read the cache
+    assert not np.allclose(bundled.depths[0], mine.depths[0], rtol=1e-3)
+    assert len(list((tmp_path / "cache").glob("*/reconstruction.npz"))) == 2

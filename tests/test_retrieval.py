@@ -64,7 +64,8 @@ def test_far_links_sit_at_doubling_similarity_ranks():
     assert len(far) <= n * (k + 2) + n - 1                 # O(N (K + F))
     # '+far': every doubling rank that exists (6, 12, 24 of 39 here)
     assert retrieval_edges(desc, f"retrieval-{k}+far", symmetrize=False) == \
-        retrieval_edges(desc, f"retrieval-{k}+far-3", symmetrize=False) != far
+        retrieval_edges(desc, f"retrieval-{k}+far-3", symmetrize=False) == \
+        retrieval_edges(desc, f"retrieval-{k}+far-70", symmetrize=False) != far
     # ranks beyond the image count are skipped, not wrapped
     assert retrieval_edges(desc[:8], "retrieval-3+far-3", symmetrize=False) == \
         retrieval_edges(desc[:8], "retrieval-3+far-1", symmetrize=False)

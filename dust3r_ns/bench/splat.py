@@ -8,8 +8,8 @@ folder; only the iteration budget, the point cap and the row's initialisation ar
 iterations (the same torch random state at the start of every row):
 
 - `gt`: ground-truth poses, intrinsics and points (depth maps back-projected), camera optimizer off;
-- `dust3r`: the bundled DUSt3R model's reconstruction of the training views (kept in the reconstruction cache
-  `--cache-dir` between runs), camera optimizer off;
+- `dust3r`: a DUSt3R model's reconstruction of the training views (`--model`, default the bundled one; kept in the
+  reconstruction cache `--cache-dir` between runs), camera optimizer off;
 - `dust3r-refine`: the same with joint pose refinement (the method's camera optimizer mode, `REFINE_MODE` when
   that is off, and its `camera_opt` learning-rate schedule);
 - `random`: DUSt3R poses and intrinsics, splatfacto's random points (as many as the DUSt3R seeds), camera
@@ -81,6 +81,8 @@ class SplatBenchConfig:
     """splatfacto's `num_downscales` of every row: the first `resolution_schedule` (3000) steps train at 1/2^k size,
     so a budget of a few hundred iterations with the method's default (2) trains at 1/4 size throughout. 0: full size
     from the start; negative: the method's default."""
+    model: str = ""
+    """Checkpoint of the DUSt3R rows (.pth, Hugging Face folder, hub name); default: the bundled model."""
     full_frame: bool = False
     """The DUSt3R rows' network inputs keep the whole frame (`--full-frame` of reconstruct / the dataparser; the bundled
     model is a 224 one, whose reference preprocessing keeps the centre square: 48 of a 48x64 photo's 64 columns)."""
@@ -160,17 +162,18 @@ def gt_reconstruction(views: list[dict], names: list[str]):
         rgbs=[v["rgb"] for v in views], meta={"source": "ground truth"})
 
 
-def dust3r_reconstruction(paths: list[Path], cache_dir: Path | None = None, full_frame: bool = False):
-    """The bundled DUSt3R model's reconstruction of `paths` (pair inference + global alignment), on CPU/CUDA; with
+def dust3r_reconstruction(paths: list[Path], cache_dir: Path | None = None, full_frame: bool = False, model: str = ""):
+    """A DUSt3R model's reconstruction of `paths` (pair inference + global alignment), on CPU/CUDA; with
     `cache_dir`, reused from / stored in the reconstruction cache (`dust3r_ns.cache`: keyed by the photos' contents,
-    the model file and the options); `full_frame`: `PairsConfig.full_frame`."""
+    the model file and the options); `full_frame`: `PairsConfig.full_frame`; `model`: a checkpoint (default: the
+    bundled model)."""
     from dust3r_ns.align import AlignConfig
     from dust3r_ns.cache import (build_reconstruction, inspect_photos, load_or_build, model_identity,
                                  reconstruction_options)
     from dust3r_ns.pipeline import NetworkConfig, PairsConfig, PointsConfig, default_model_source
 
-    network, pairs, align, points = NetworkConfig(model=default_model_source()), PairsConfig(full_frame=full_frame), \
-        AlignConfig(), PointsConfig()
+    network = NetworkConfig(model=model or default_model_source())
+    pairs, align, points = PairsConfig(full_frame=full_frame), AlignConfig(), PointsConfig()
     build = lambda ps: build_reconstruction(ps, network, pairs, align, points, label="bench splat")  # noqa: E731
     if cache_dir is None:
         return build(paths)
@@ -412,7 +415,8 @@ def run_case(seed: int, n_train: int, cfg: SplatBenchConfig, work: Path) -> list
     t_dust3r = math.nan
     if any(r != "gt" for r in cfg.rows):
         t0 = time.perf_counter()
-        rec = dust3r_reconstruction(photos, Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None, cfg.full_frame)
+        rec = dust3r_reconstruction(photos, Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None, cfg.full_frame,
+                                    cfg.model)
         t_dust3r = time.perf_counter() - t0
         folders["dust3r"] = save_folder(root / "dust3r", rec, photos)
         n_seeds = len(rec.pointcloud(max_points=cfg.max_points)[0])
@@ -430,6 +434,7 @@ def run_case(seed: int, n_train: int, cfg: SplatBenchConfig, work: Path) -> list
                    gaussians=int(pipeline.model.num_points), camera_opt=pipeline.model.camera_optimizer.config.mode,
                    footprint_scale=pipeline.model.config.footprint_scale,
                    downscales=pipeline.model.config.num_downscales, full_frame=bool(cfg.full_frame) and row != "gt",
+                   model=(cfg.model or "bundled") if row != "gt" else "",
                    train_names=names, held_out=[f"arc_{k:02d}" for k in case["test_idx"]],
                    train_arc=[f"arc_{k:02d}" for k in case["train_idx"]],
                    protocol=protocol(cfg))
@@ -462,7 +467,8 @@ def run(cfg: SplatBenchConfig) -> list[dict]:
         work = Path(tmp.name)
     t0 = time.perf_counter()
     print(f"bench splat: {len(cases)} cases x {len(cfg.rows)} rows, {cfg.size}, {cfg.iterations} iterations, "
-          f"DUSt3R inputs {'full frame' if cfg.full_frame else 'reference crop'}, protocol: {protocol(cfg)}",
+          f"DUSt3R {cfg.model or 'bundled model'} on {'full frames' if cfg.full_frame else 'the reference crop'}, "
+          f"protocol: {protocol(cfg)}",
           flush=True)
     rows = []
     try:
