@@ -188,7 +188,8 @@ def choose_pairs(views: list[View], scene_graph: str, feats: dict) -> list[tuple
     if len(views) == 1:
         return [(views[0], views[0])] * 2
     if is_retrieval(scene_graph):
-        desc = vlad_descriptors([feats[k][0] for k in range(len(views))])
+        desc = vlad_descriptors([feats[k][0] for k in range(len(views))],
+                                positions=[feats[k][1] for k in range(len(views))])
         return [(views[i], views[j]) for i, j in retrieval_edges(desc, scene_graph)]
     return [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph)]
 

@@ -19,6 +19,12 @@ GRAPH_HELP = ("complete, swin-K, logwin-K, oneref-K (swin/logwin also with a -no
               "input), K >= 1")
 RETRIEVAL = re.compile(r"retrieval(?:-(\d+))?(?:\+far(?:-(\d+))?)?(?:\+swin-(\d+))?")
 RETRIEVAL_K = 8    # neighbours per image when the name gives none
+FAR_MIN_SIMILARITY = 0.0
+"""A far link needs a descriptor cosine above this: more alike than unrelated images (whose VLAD residuals do not
+correlate). On a closed loop the ranks beyond half the images are the other side of the loop (a rendered 350-degree
+loop of 200 frames: rank 128 links 122 degrees apart, median cosine -0.04), which a pair network answers with
+confident, wrong rotations; along an open 1000-frame path the rank-512 links are 38 degrees apart and 92% of them
+stay."""
 
 
 def is_retrieval(scene_graph: str) -> bool:
@@ -122,7 +128,8 @@ def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize
     """Edges of a retrieval graph over unit descriptors `desc` [N, D] (cosine similarity S = desc desc^T).
 
     Each image is paired with its K most similar images; `+far-F` adds, per image, the images at similarity ranks
-    2K, 4K, ..., 2^F K (1-based, those that exist; `+far`: all of them, about log2(N / K)): still overlapping views, but farther apart, so long sequences
+    2K, 4K, ..., 2^F K (1-based, those that exist and have cosine > `FAR_MIN_SIMILARITY`; `+far`: all of them, about
+    log2(N / K)): still overlapping views, but farther apart, so long sequences
     are held by links that skip many small steps (the content analogue of logwin-K; a pair model's systematic
     error on small steps would otherwise add up along the chain). The maximum spanning tree of S is added so the
     graph is connected whatever the clusters; `+swin-W` adds the pairs (i, i+1..i+W) of an ordered sequence.
@@ -142,9 +149,11 @@ def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize
     while (far is None or f <= far) and (k << f) <= n - 1:     # far links at ranks 2K, 4K, ... (1-based)
         ranks.append((k << f) - 1)
         f += 1
+    near = min(k, n - 1)
     for i in range(n):
-        for j in order[i, ranks]:
-            found.add((min(i, int(j)), max(i, int(j))))
+        for r, j in enumerate(order[i, ranks]):
+            if r < near or S[i, j] > FAR_MIN_SIMILARITY:
+                found.add((min(i, int(j)), max(i, int(j))))
     # maximum spanning tree (Prim, O(N^2)): connectivity
     in_tree = np.zeros(n, bool)
     in_tree[0] = True

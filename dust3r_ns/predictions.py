@@ -18,7 +18,9 @@ metadata), written atomically. Its `PairPredictions` hold `DiskMaps`, which read
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,11 +179,27 @@ class PairStoreWriter:
         self._ctx = None
         self._files: dict[str, tuple[int, int, int]] = {}    # stem -> (fd, data offset, bytes per edge)
 
+    def nbytes(self) -> int:
+        """Bytes of the maps the store will hold (its files are written sparse, so the disk fills as edges come)."""
+        per_px = sum(ch or 1 for _, ch in STORE_MAPS) * np.dtype(_NP_DTYPES[self.dtype]).itemsize
+        return len(self.edges) * self.H * self.W * per_px
+
+    def _no_space(self, free: int) -> PredictionsError:
+        return PredictionsError(f"{self.path}: the pair store needs {self.nbytes() / 2 ** 30:.2f} GiB and its disk has "
+                                f"{free / 2 ** 30:.2f} GiB free; free some space, write it to another disk (--out) or "
+                                "keep the predictions in memory (--store float16)")
+
     def __enter__(self) -> "PairStoreWriter":
         shapes = {im.shape for im in self.images}
         if shapes != {(self.H, self.W)}:
             raise PredictionsError(f"a pair store holds one image shape, got {sorted(shapes)}; resize the images to "
                                    "one size or keep the predictions in memory (--store float16)")
+        folder = self.path.absolute().parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if self.nbytes() > free:
+            raise self._no_space(free)
         self._ctx = atomic_dir(self.path, what="pair store", error=PredictionsError, replace=True)
         tmp = self._ctx.__enter__()
         try:
@@ -216,8 +234,13 @@ class PairStoreWriter:
                                        f"{'' if ch else 'or non-positive '}values; check the network output")
             fd, offset, per = self._files[stem]
             view, done = memoryview(a.reshape(-1).view(np.uint8)), 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + start * per + done)
+            try:
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset + start * per + done)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise self._no_space(shutil.disk_usage(self.path.absolute().parent).free) from None
         self.written[start:start + b] = True
 
     def _close(self, *exc) -> None:

@@ -96,6 +96,30 @@ def test_vlad_ranks_same_content_higher():
     assert all(int(np.argmax(S[i])) == i ^ 1 for i in range(8))
 
 
+def test_layout_tells_mirrored_views_apart():
+    """Two views of one room from opposite sides see the same things mirrored: the global VLAD scores them as
+    duplicates, the 2 x 2 layout blocks rank the nearby view (same layout, perturbed tokens) first."""
+    g = torch.Generator().manual_seed(0)
+    side = 14
+    pos = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    grid = torch.randn(side, side, 64, generator=g)       # [14, 14, 64]: one image's tokens in place
+    grid[:, : side // 2] += 2.0 * torch.randn(64, generator=g)   # left and right halves differ in content
+    base = grid.reshape(-1, 64)
+    near = base + 0.3 * torch.randn(base.shape, generator=g)
+    mirrored = grid.flip(1).reshape(-1, 64)               # the same tokens, left and right swapped
+    others = [torch.randn(side * side, 64, generator=g) for _ in range(3)]
+    tokens = [base, near, mirrored] + others
+    flat = vlad_descriptors(tokens, k=8, dim=16)
+    assert flat[0] @ flat[2] > flat[0] @ flat[1] and np.isclose(flat[0] @ flat[2], 1)   # blind to the layout
+    d = vlad_descriptors(tokens, k=8, dim=16, positions=[pos] * len(tokens))
+    assert d.shape == (6, 5 * 8 * 16) and np.allclose(np.linalg.norm(d, axis=1), 1)
+    assert d[0] @ d[1] > d[0] @ d[2] + 0.1
+    assert np.allclose(d[:, : 8 * 16] * np.sqrt(5), flat)   # the first block is the global VLAD
+    assert np.array_equal(vlad_descriptors(tokens, k=8, dim=16, positions=[pos] * 6, grid=1), flat)
+    with pytest.raises(ValueError, match="position arrays"):
+        vlad_descriptors(tokens, positions=[pos])
+
+
 def test_inference_graph_decodes_only_the_chosen_pairs():
     torch.manual_seed(0)
     model = AsymmetricCroCo3DStereo(landscape_only=False, **TINY).eval()
@@ -103,7 +127,8 @@ def test_inference_graph_decodes_only_the_chosen_pairs():
     views = [make_view(i, img=torch.rand(1, 3, 32, 48, generator=g) * 2 - 1) for i in range(7)]
     preds = inference_graph(views, model, "retrieval-2", verbose=False)
     feats = encode_images(model, views, "cpu")
-    want = retrieval_edges(vlad_descriptors([feats[k][0] for k in range(7)]), "retrieval-2")
+    want = retrieval_edges(vlad_descriptors([feats[k][0] for k in range(7)], positions=[feats[k][1] for k in range(7)]),
+                           "retrieval-2")
     assert preds.edges.tolist() == [list(e) for e in want] and preds.n_edges < 7 * 6
     # the same pairs through the plain engine give the same maps
     ref = inference([(views[i], views[j]) for i, j in want], model, verbose=False)
@@ -112,3 +137,36 @@ def test_inference_graph_decodes_only_the_chosen_pairs():
     a = inference_graph(views, model, "swin-2", verbose=False)
     b = inference(make_pairs(views, "swin-2"), model, verbose=False)
     assert np.array_equal(a.edges, b.edges) and torch.equal(a.pts1, b.pts1)
+
+
+def test_cache_keys_name_the_recipe_of_retrieval_graphs(monkeypatch):
+    """Pairs chosen by content change with the recipe (descriptors, far-link floor): reconstruction cache keys of
+    retrieval and default graphs change with it, those of fixed graphs do not."""
+    from dust3r_ns import retrieval
+    from dust3r_ns.align import AlignConfig
+    from dust3r_ns.cache import reconstruction_options
+    from dust3r_ns.pipeline import NetworkConfig, PairsConfig, PointsConfig
+
+    def key(graph):
+        return reconstruction_options(NetworkConfig(), PairsConfig(scene_graph=graph), AlignConfig(), PointsConfig())
+
+    before = {g: key(g) for g in (None, "retrieval-8+far", "swin-3")}
+    monkeypatch.setattr(retrieval, "RECIPE", "another-recipe")
+    assert key(None) != before[None] and key("retrieval-8+far") != before["retrieval-8+far"]
+    assert key("swin-3") == before["swin-3"]
+
+
+def test_far_links_skip_images_less_alike_than_unrelated_ones():
+    """A closed loop: descriptors on a circle (cosine = cos of the angle between views). The far links at ranks 8
+    and 16 (about 36 and 72 degrees) stay; rank 32 (the other side, about 144 degrees, negative cosine) does not."""
+    from dust3r_ns.pairs import FAR_MIN_SIMILARITY
+
+    n, k = 40, 4
+    theta = np.radians(np.arange(n) * 360.0 / n)
+    desc = np.stack([np.cos(theta), np.sin(theta)], 1)
+    edges = set(retrieval_edges(desc, f"retrieval-{k}+far", symmetrize=False))
+    near = set(retrieval_edges(desc, f"retrieval-{k}", symmetrize=False))
+    gaps = {min(abs(i - j), n - abs(i - j)) for i, j in edges - near}
+    assert gaps == {4, 8}                                   # ranks 8 and 16 (each side) of every image
+    assert all(desc[i] @ desc[j] > FAR_MIN_SIMILARITY for i, j in edges - near)
+    assert edges == set(retrieval_edges(desc, f"retrieval-{k}+far-2", symmetrize=False))   # rank 32: none kept

@@ -193,3 +193,31 @@ def test_stored_weights_drop_and_restore(tmp_path):
     with pytest.raises(ValueError, match="stored values"):
         data.w1[torch.tensor([1])] = before[[1]] + 1
     assert (data.weights(1)[1] == 0).all()
+
+
+def test_store_refuses_a_disk_without_room(tmp_path, monkeypatch):
+    """A store that cannot fit is refused before any pair is decoded, with its size and the disk's free space; a disk
+    that fills while the edges come (another process) gives the same one-line error and leaves no folder."""
+    import errno
+    import shutil
+
+    from dust3r_ns import predictions as P
+
+    preds = _preds()
+    w = PairStoreWriter(tmp_path / "pairs", preds.images, preds.edges, 6, 8)
+    assert w.nbytes() == 4 * 6 * 8 * 8 * 2                         # 4 edges x 48 px x (3 + 3 + 1 + 1) x float16
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: usage._replace(free=w.nbytes() - 1))
+    with pytest.raises(PredictionsError, match=r"needs 0.00 GiB and its disk has 0.00 GiB free; free some space"):
+        w.__enter__()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: usage._replace(free=10 ** 9))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(PredictionsError, match="--store float16"):
+        with PairStoreWriter(tmp_path / "pairs", preds.images, preds.edges, 6, 8) as w:
+            monkeypatch.setattr(P.os, "pwrite", full)
+            w.write(0, dict(pts1=preds.pts1[:1], pts2=preds.pts2[:1], conf1=preds.conf1[:1], conf2=preds.conf2[:1]))
+    assert list(tmp_path.iterdir()) == []

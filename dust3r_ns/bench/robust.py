@@ -39,6 +39,7 @@ from dust3r_ns.geometry import umeyama
 from dust3r_ns.metrics import pose_metrics, relative_rotation_errors, rotation_angle_deg
 from dust3r_ns.pairs import default_scene_graph, graph_edges
 from dust3r_ns.predictions import PairPredictions
+from dust3r_ns.retrieval import graph_key
 
 
 @dataclass
@@ -128,7 +129,7 @@ def network_case(cfg: RobustBenchConfig, n: int, graph: str) -> tuple[PairPredic
     root = Path(cfg.cache_dir)
     key = f"n{n}_{cfg.size}_{cfg.baseline}_s{cfg.seed}"
     gt_path = root / f"gt_{key}.npz"
-    pred_path = root / f"pairs_{key}_{graph}_{tag}.npz"
+    pred_path = root / f"pairs_{key}_{graph_key(graph)}_{tag}.npz"
     if gt_path.exists() and pred_path.exists():
         with np.load(gt_path) as z:
             gt = {k: z[k] for k in z.files}

@@ -37,6 +37,7 @@ from dust3r_ns.bench.common import run_isolated
 from dust3r_ns.bench.robust import angle_ratios, edge_rotations, gt_of, model_tag, own_edge_rra, render_orbit, write_npz
 from dust3r_ns.fileio import atomic_write
 from dust3r_ns.pairs import default_scene_graph
+from dust3r_ns.retrieval import graph_key
 
 PATHS = {"orbit": "wide", "loop": "loop"}   # bench path -> synth.camera_path baseline
 
@@ -94,7 +95,7 @@ def _model_tag(cfg: ScaleBenchConfig) -> str:
 def _case_dir(cfg: ScaleBenchConfig, n: int, path: str, source: str) -> Path:
     tag = _model_tag(cfg) if source == "network" else "oracle"
     graph = default_scene_graph(n) if cfg.graph == "default" else cfg.graph     # the graph itself, not 'default'
-    return Path(cfg.cache_dir) / f"{_key(cfg, n, path)}_{graph}_{tag}"
+    return Path(cfg.cache_dir) / f"{_key(cfg, n, path)}_{graph_key(graph)}_{tag}"
 
 
 def _views(cfg: ScaleBenchConfig, n: int, path: str) -> list[dict]:
