@@ -22,7 +22,7 @@ from dust3r_ns.export.cli import ExportConfig, run as run_export
 from dust3r_ns.fileio import writable_parent
 from dust3r_ns.pipeline import (Network, NetworkConfig, Pairs, PairsConfig, Video, check_device, check_image_names,
                                 run_pairs)
-from dust3r_ns.predictions import PairPredictions
+from dust3r_ns.predictions import PairPredictions, check_store_path
 from dust3r_ns.reconstruct import ReconstructConfig, predictions_input, run as run_reconstruct
 from dust3r_ns.video import VideoConfig
 
@@ -99,8 +99,14 @@ def check(name: str, cfg: Any) -> None:
         if name == "infer" or predictions_input(cfg.images) is None:
             check_image_names(cfg.images)
     if name == "infer":
-        if cfg.out.suffix != ".npz":
-            raise ValueError(f"--out {cfg.out}: pair predictions are saved as .npz; name the file e.g. pairs.npz")
+        if cfg.network.store == "disk":
+            if cfg.out.suffix == ".npz":
+                raise ValueError(f"--out {cfg.out}: with --store disk the pair predictions are a folder (a pair "
+                                 "store); name one, e.g. --out pairs/")
+            check_store_path(cfg.out)
+        elif cfg.out.suffix != ".npz":
+            raise ValueError(f"--out {cfg.out}: pair predictions are saved as .npz; name the file e.g. pairs.npz "
+                             "(or write a pair store folder with --store disk)")
         writable_parent(cfg.out, "pair predictions")
     if name == "train" and cfg.device != "auto":
         check_device(cfg.device, "--device")

@@ -160,6 +160,15 @@ def _chunked(maps, elems: int = 1 << 22):
     return [maps] if isinstance(maps, torch.Tensor) else maps
 
 
+def check_store_path(path: str | os.PathLike) -> None:
+    """Refuse (PredictionsError) a pair store path that writing the store would harm: an existing file or a folder
+    that is not a pair store (writing a store replaces its folder whole)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "meta.npz").is_file())):
+        raise PredictionsError(f"{path} exists and is not a pair store, which writing the store would replace whole; "
+                               "name a new folder for it")
+
+
 class PairStoreWriter:
     """Write pair predictions edge range by edge range into a pair store folder (module doc), atomically: the
     folder appears complete at `path` when the `with` block ends without error; on an error (or when not every
@@ -194,6 +203,7 @@ class PairStoreWriter:
         if shapes != {(self.H, self.W)}:
             raise PredictionsError(f"a pair store holds one image shape, got {sorted(shapes)}; resize the images to "
                                    "one size or keep the predictions in memory (--store float16)")
+        check_store_path(self.path)
         folder = self.path.absolute().parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent

@@ -81,6 +81,24 @@ def test_reconstruct_with_disk_store_cleans_up(tiny_model, photos, tmp_path, mon
     assert a.c2w.shape == (3, 4, 4) and np.isfinite(a.c2w).all() and a.meta["polish_iterations"] == 0
 
 
+def test_infer_writes_a_pair_store_folder(tiny_model, photos, tmp_path, capsys):
+    """README: `dust3r-ns infer frames/ --out pairs/ --store disk` writes a pair store folder that `reconstruct`
+    aligns; an .npz name with --store disk, and an existing folder that is not a store, are refused up front."""
+    args = ["infer", str(photos), "--model", tiny_model, "--store", "disk"]
+    assert main(args + ["--out", str(tmp_path / "pairs") + "/"]) == 0
+    assert (tmp_path / "pairs" / "meta.npz").is_file()
+    assert main(args + ["--out", str(tmp_path / "pairs")]) == 0                    # a store is replaced
+    assert main(["reconstruct", str(tmp_path / "pairs"), "--out", str(tmp_path / "scene")]) == 0
+    assert Reconstruction.load(tmp_path / "scene" / "reconstruction.npz").c2w.shape == (3, 4, 4)
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "pairs.npz")]) == 2
+    assert "a folder (a pair store); name one" in capsys.readouterr().err
+    names = sorted(p.name for p in photos.iterdir())
+    assert main(args + ["--out", str(photos)]) == 2                               # the photos stay
+    assert "is not a pair store" in capsys.readouterr().err
+    assert sorted(p.name for p in photos.iterdir()) == names
+
+
 def test_infer_output_feeds_reconstruct(tiny_model, photos, tmp_path):
     """`infer` then `reconstruct PAIRS.npz` gives the same cameras as `reconstruct` on the photos."""
     pairs = tmp_path / "pairs.npz"

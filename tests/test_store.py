@@ -221,3 +221,17 @@ def test_store_refuses_a_disk_without_room(tmp_path, monkeypatch):
             monkeypatch.setattr(P.os, "pwrite", full)
             w.write(0, dict(pts1=preds.pts1[:1], pts2=preds.pts2[:1], conf1=preds.conf1[:1], conf2=preds.conf2[:1]))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_store_never_replaces_a_folder_that_is_not_a_store(tmp_path):
+    preds = _preds()
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.png").write_bytes(b"x")
+    with pytest.raises(PredictionsError, match="is not a pair store"):
+        _write(preds, other)
+    assert [p.name for p in other.iterdir()] == ["a.png"]
+    (tmp_path / "empty").mkdir()
+    _write(preds, tmp_path / "empty")                    # an empty folder, or an older store, is fine
+    _write(preds, tmp_path / "empty")
+    assert (tmp_path / "empty" / "meta.npz").is_file()
