@@ -193,6 +193,13 @@ class PairStoreWriter:
         per_px = sum(ch or 1 for _, ch in STORE_MAPS) * np.dtype(_NP_DTYPES[self.dtype]).itemsize
         return len(self.edges) * self.H * self.W * per_px
 
+    def _free(self) -> int:
+        """Free bytes on the disk that holds (or will hold) the store's folder."""
+        folder = self.path.absolute().parent
+        while not folder.exists() and folder != folder.parent:    # the folders it would create are on that disk
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
+
     def _no_space(self, free: int) -> PredictionsError:
         return PredictionsError(f"{self.path}: the pair store needs {self.nbytes() / 2 ** 30:.2f} GiB and its disk has "
                                 f"{free / 2 ** 30:.2f} GiB free; free some space, write it to another disk (--out) or "
@@ -204,10 +211,7 @@ class PairStoreWriter:
             raise PredictionsError(f"a pair store holds one image shape, got {sorted(shapes)}; resize the images to "
                                    "one size or keep the predictions in memory (--store float16)")
         check_store_path(self.path)
-        folder = self.path.absolute().parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        free = shutil.disk_usage(folder).free
+        free = self._free()
         if self.nbytes() > free:
             raise self._no_space(free)
         self._ctx = atomic_dir(self.path, what="pair store", error=PredictionsError, replace=True)
@@ -250,7 +254,7 @@ class PairStoreWriter:
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
-                raise self._no_space(shutil.disk_usage(self.path.absolute().parent).free) from None
+                raise self._no_space(self._free()) from None
         self.written[start:start + b] = True
 
     def _close(self, *exc) -> None:

@@ -127,8 +127,8 @@ def test_inference_graph_decodes_only_the_chosen_pairs():
     views = [make_view(i, img=torch.rand(1, 3, 32, 48, generator=g) * 2 - 1) for i in range(7)]
     preds = inference_graph(views, model, "retrieval-2", verbose=False)
     feats = encode_images(model, views, "cpu")
-    want = retrieval_edges(vlad_descriptors([feats[k][0] for k in range(7)], positions=[feats[k][1] for k in range(7)]),
-                           "retrieval-2")
+    desc = vlad_descriptors([feats[k][0] for k in range(7)], positions=[feats[k][1] for k in range(7)])
+    want = retrieval_edges(desc, "retrieval-2")
     assert preds.edges.tolist() == [list(e) for e in want] and preds.n_edges < 7 * 6
     # the same pairs through the plain engine give the same maps
     ref = inference([(views[i], views[j]) for i, j in want], model, verbose=False)
