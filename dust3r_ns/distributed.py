@@ -52,9 +52,10 @@ def init(device: str) -> None:
 
 @torch.inference_mode()
 def sharded_inference(views: list[View], model, scene_graph: str, shard_dir: str | os.PathLike, device="cpu",
-                      batch_size: int = 8, amp=None, verbose: bool = True, store_dtype: torch.dtype = torch.float32
-                      ) -> Optional[PairPredictions]:
-    """This rank's share of the pair inference (module docstring); rank 0 returns the whole `PairPredictions`."""
+                      batch_size: int = 8, amp=None, verbose: bool = True, store_dtype: torch.dtype = torch.float32,
+                      ordered: bool = False) -> Optional[PairPredictions]:
+    """This rank's share of the pair inference (module docstring); rank 0 returns the whole `PairPredictions`
+    (`ordered`: the views are frames of one sequence, as in `inference.inference_graph`)."""
     rank, size = world()
     device = rank_device(str(device))
     if size > 1:
@@ -92,4 +93,4 @@ def sharded_inference(views: list[View], model, scene_graph: str, shard_dir: str
     if missing:
         raise ValueError(f"{shard_dir}: the shards lack decoder batches {missing[:5]}; run the torchrun job again")
     shutil.rmtree(shard_dir, ignore_errors=True)
-    return predictions_from_chunks(views, pairs, chunks1, chunks2, same)
+    return predictions_from_chunks(views, pairs, chunks1, chunks2, same, ordered)

@@ -74,13 +74,14 @@ def _check_pairs(pairs) -> tuple[list[View], bool]:
     return views, len({tuple(v.img.shape[-2:]) for v in views}) == 1
 
 
-def predictions_from_chunks(views: list[View], pairs, chunks1: list[dict], chunks2: list[dict], same: bool
-                            ) -> PairPredictions:
+def predictions_from_chunks(views: list[View], pairs, chunks1: list[dict], chunks2: list[dict], same: bool,
+                            ordered: bool = False) -> PairPredictions:
     """`PairPredictions` from the per-batch head outputs, in pair order."""
     p1, p2 = _cat_preds(chunks1, same), _cat_preds(chunks2, same)
     try:
         return PairPredictions(images=[v.info for v in views], edges=[(a.idx, b.idx) for a, b in pairs],
-                               pts1=p1["pts3d"], pts2=p2["pts3d_in_other_view"], conf1=p1["conf"], conf2=p2["conf"])
+                               pts1=p1["pts3d"], pts2=p2["pts3d_in_other_view"], conf1=p1["conf"], conf2=p2["conf"],
+                               ordered=ordered)
     except PredictionsError as e:
         raise ValueError(str(e)) from None
 
@@ -129,20 +130,21 @@ def inference(pairs, model, device="cpu", batch_size: int = 8, amp=None, verbose
 @torch.inference_mode()
 def inference_graph(views: list[View], model, scene_graph: str, device="cpu", batch_size: int = 8, amp=None,
                     verbose: bool = True, store_dtype: torch.dtype = torch.float32,
-                    store_path: str | Path | None = None) -> PairPredictions:
+                    store_path: str | Path | None = None, ordered: bool = False) -> PairPredictions:
     """Encode every view once, choose the pairs of `scene_graph` (a retrieval graph ranks pairs by VLAD descriptors
     of the encoder tokens, `retrieval.vlad_descriptors` + `pairs.retrieval_edges`), then decode only those pairs.
 
     store_path: write each decoded batch into a pair store folder there (`PairStoreWriter`, in `store_dtype`)
-    instead of keeping the maps in memory; the result then reads them from disk (`open_store`)."""
+    instead of keeping the maps in memory; the result then reads them from disk (`open_store`).
+    ordered: the views are frames of one sequence in index order (a video); recorded in the predictions."""
     views, same = check_views(views)
     device, model = _prepare(model, device, batch_size)
     feats = encode_images(model, views, device, batch_size, amp, verbose)
     pairs = choose_pairs(views, scene_graph, feats)
     if store_path is not None:
         return _decode_to_store(model, pairs, views, feats, device, batch_size, amp, verbose, store_dtype,
-                                Path(store_path))
-    return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose, store_dtype)
+                                Path(store_path), ordered)
+    return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose, store_dtype, ordered)
 
 
 def _prepare(model, device, batch_size: int):
@@ -195,7 +197,8 @@ def choose_pairs(views: list[View], scene_graph: str, feats: dict) -> list[tuple
 
 
 def _decode_pairs(model, pairs, views: list[View], same: bool, feats: dict, device: torch.device, batch_size: int,
-                  amp, verbose: bool, store_dtype: torch.dtype = torch.float32) -> PairPredictions:
+                  amp, verbose: bool, store_dtype: torch.dtype = torch.float32, ordered: bool = False
+                  ) -> PairPredictions:
     """Decoders and heads over the pairs, batch by batch (`batches`)."""
     chunks1, chunks2 = [], []
     bar = tqdm(total=len(pairs), desc="pairs", disable=not verbose, leave=False)
@@ -205,17 +208,17 @@ def _decode_pairs(model, pairs, views: list[View], same: bool, feats: dict, devi
         chunks2.append(to_storage(r2, store_dtype))
         bar.update(end - start)
     bar.close()
-    return predictions_from_chunks(views, pairs, chunks1, chunks2, same)
+    return predictions_from_chunks(views, pairs, chunks1, chunks2, same, ordered)
 
 
 def _decode_to_store(model, pairs, views: list[View], feats: dict, device: torch.device, batch_size: int, amp,
-                     verbose: bool, store_dtype: torch.dtype, path: Path) -> PairPredictions:
+                     verbose: bool, store_dtype: torch.dtype, path: Path, ordered: bool = False) -> PairPredictions:
     """`_decode_pairs` writing batch by batch into a pair store at `path` (memory: one batch of maps)."""
     H, W = views[0].info.shape
     edges = [(a.idx, b.idx) for a, b in pairs]
     bar = tqdm(total=len(pairs), desc="pairs", disable=not verbose, leave=False)
     try:
-        with PairStoreWriter(path, [v.info for v in views], edges, H, W, store_dtype) as out:
+        with PairStoreWriter(path, [v.info for v in views], edges, H, W, store_dtype, ordered) as out:
             for start, end in batches(pairs, batch_size):
                 r1, r2 = decode_batch(model, pairs[start:end], feats, device, amp)
                 out.write(start, dict(pts1=r1["pts3d"], pts2=r2["pts3d_in_other_view"], conf1=r1["conf"],

@@ -70,6 +70,9 @@ class PairsConfig:
     reference's centre square, which leaves a 4:3 photo's outer quarter out of the poses and the points."""
     scene_graph: Optional[str] = None
     """complete, swin-k, logwin-k, oneref-k (+ -noncyclic); None: chosen from the number of images."""
+    ordered: bool = False
+    """The photos are frames of one sequence in file-name order (frames extracted from a video): the default graph
+    adds a sequential window and the alignment trusts neighbouring frames more (a video file always is)."""
 
 
 @dataclass(frozen=True)
@@ -175,14 +178,26 @@ def image_size_of(net: torch.nn.Module) -> int:
     return 224 if side <= 224 else 512
 
 
+def one_input(images: Sequence[str | Path] | str | Path) -> Sequence[str | Path] | str | Path:
+    """A list of one path as that path (a folder or a video clip), else `images` as given."""
+    if not isinstance(images, (str, Path)):
+        images = list(images)
+        if len(images) == 1:
+            return images[0]
+    return images
+
+
+def ordered_input(images: Sequence[str | Path] | str | Path, pairs: PairsConfig) -> bool:
+    """True when the images are frames of one sequence: one video clip, or `pairs.ordered`."""
+    one = one_input(images)
+    return pairs.ordered or (isinstance(one, (str, Path)) and is_video(one))
+
+
 def load_views(images: Sequence[str | Path] | str | Path, pairs: PairsConfig, net: torch.nn.Module,
                video: VideoConfig = VideoConfig()) -> list[View]:
     """Preprocessed views of image files, of one folder, or of one video clip's sampled frames (`video`), at the
     configured size (default: the model's)."""
-    if not isinstance(images, (str, Path)):
-        images = list(images)
-        if len(images) == 1:
-            images = images[0]
+    images = one_input(images)
     if isinstance(images, (str, Path)) and is_video(images):
         images = frames_folder(images, video)
     return load_images(images, size=pairs.image_size or image_size_of(net), full_frame=pairs.full_frame)
@@ -202,7 +217,7 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
     device = distributed.rank_device(resolve_device(network.device))
     net = load_model(network.model or default_model_source(), device=device)
     views = load_views(images, pairs, net, video)
-    ordered = isinstance(images, (str, Path)) and is_video(images)   # video frames come in order
+    ordered = ordered_input(images, pairs)
     graph = pairs.scene_graph or default_scene_graph(len(views), ordered)
     on_disk = network.store == "disk"
     store_dtype = torch.float16 if on_disk else STORE_DTYPES[network.store]
@@ -211,13 +226,14 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
             raise ValueError("--store disk is not available under torchrun; use float16")
         preds = distributed.sharded_inference(views, net, graph, shard_dir or ".dust3r_shards", device=device,
                                               batch_size=network.batch_size, amp=network.amp, verbose=verbose,
-                                              store_dtype=store_dtype)
+                                              store_dtype=store_dtype, ordered=ordered)
     else:
         preds = inference_graph(views, net, graph, device=device, batch_size=network.batch_size, amp=network.amp,
                                 verbose=verbose, store_dtype=store_dtype,
-                                store_path=(store_path or ".dust3r_pairs") if on_disk else None)
+                                store_path=(store_path or ".dust3r_pairs") if on_disk else None, ordered=ordered)
     if verbose and preds is not None:
-        print(f"{len(views)} images, scene graph {graph}: {preds.n_edges} ordered pairs"
+        print(f"{len(views)} {'frames in sequence' if ordered else 'images'}, scene graph {graph}: "
+              f"{preds.n_edges} ordered pairs"
               + (f" on {size} processes" if size > 1 else ""), file=sys.stderr)
     return preds
 
@@ -416,7 +432,7 @@ def apply_masks(preds: PairPredictions, masks: Sequence[np.ndarray]) -> PairPred
                 for k, c in zip(idx, confs)]
 
     return PairPredictions(images=preds.images, edges=preds.edges, pts1=preds.pts1, pts2=preds.pts2,
-                           conf1=masked(preds.conf1, 0), conf2=masked(preds.conf2, 1))
+                           conf1=masked(preds.conf1, 0), conf2=masked(preds.conf2, 1), ordered=preds.ordered)
 
 
 def inputs_fingerprint(cameras: CamerasConfig, mask_dir: Path | None, names: Sequence[str]) -> dict[str, Any]:

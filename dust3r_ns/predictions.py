@@ -3,7 +3,8 @@
 For each ordered edge e = (i, j) the network gives two point maps in camera i's frame and their confidences:
 ``pts1[e]`` [H_i, W_i, 3] (image i's pixels) and ``pts2[e]`` [H_j, W_j, 3] (image j's pixels), ``conf1[e]``
 [H_i, W_i] and ``conf2[e]`` [H_j, W_j] (confidences are >= 1). Per-image metadata (`ImageInfo`: name, file,
-original size, crop transform, colours) is held once in ``images``, not copied into every pair.
+original size, crop transform, colours) is held once in ``images``, not copied into every pair. ``ordered``
+records that the images are frames of one sequence in index order (a video), which the aligner's consensus uses.
 
 When every image has the same network shape the per-edge maps are stacked tensors [E, H, W, ...]; otherwise they
 are lists of per-edge tensors (`uniform` tells which). Predictions can be saved to and loaded from one `.npz`
@@ -12,8 +13,8 @@ dict (`view1`/`view2`/`pred1`/`pred2`), which survives only as this adapter.
 
 Too many pairs for memory: a pair store on disk (`PairStoreWriter`, `open_store`), a folder of one `.npy` file per
 map kind ([E, H, W, 3] / [E, H, W], edge-major, float16 or float32) plus `meta.npz` (format tag, edges, image
-metadata), written atomically. Its `PairPredictions` hold `DiskMaps`, which read ranges of edges with explicit
-`pread`s into fresh buffers (no memory mapping, so resident memory is the working set, not the files).
+metadata, `ordered`), written atomically. Its `PairPredictions` hold `DiskMaps`, which read ranges of edges with
+explicit `pread`s into fresh buffers (no memory mapping, so resident memory is the working set, not the files).
 """
 
 from __future__ import annotations
@@ -179,10 +180,11 @@ class PairStoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike, images: list[ImageInfo], edges, H: int, W: int,
-                 dtype: torch.dtype = torch.float16) -> None:
+                 dtype: torch.dtype = torch.float16, ordered: bool = False) -> None:
         if dtype not in _NP_DTYPES:
             raise PredictionsError(f"pair store dtype must be float16 or float32, got {dtype}")
         self.path, self.images, self.H, self.W, self.dtype = Path(path), images, int(H), int(W), dtype
+        self.ordered = bool(ordered)
         self.edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
         self.written = np.zeros(len(self.edges), bool)
         self._ctx = None
@@ -217,8 +219,8 @@ class PairStoreWriter:
         self._ctx = atomic_dir(self.path, what="pair store", error=PredictionsError, replace=True)
         tmp = self._ctx.__enter__()
         try:
-            save_npz(tmp / "meta.npz", _meta_arrays(self.images, self.edges), STORE_KIND, STORE_VERSION,
-                     "pair store", PredictionsError)
+            save_npz(tmp / "meta.npz", _meta_arrays(self.images, self.edges, self.ordered), STORE_KIND,
+                     STORE_VERSION, "pair store", PredictionsError)
             E = len(self.edges)
             for stem, ch in STORE_MAPS:
                 shape = (E, self.H, self.W) + ((ch,) if ch else ())
@@ -275,8 +277,9 @@ class PairStoreWriter:
         self._close(et, ev, tb)
 
 
-def _meta_arrays(images: list[ImageInfo], edges: np.ndarray) -> dict[str, np.ndarray]:
+def _meta_arrays(images: list[ImageInfo], edges: np.ndarray, ordered: bool) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {
+        "ordered": np.array(bool(ordered)),
         "edges": np.asarray(edges, np.int64).reshape(-1, 2), "names": np.array([im.name for im in images], dtype=np.str_),
         "paths": np.array([im.path for im in images], dtype=np.str_),
         "orig_sizes": np.array([im.orig_size for im in images], dtype=np.int64).reshape(-1, 2),
@@ -294,6 +297,11 @@ def _meta_images(z) -> list[ImageInfo]:
                       transform=transforms[k].astype(np.float64), rgb=z[f"rgb_{k}"]) for k in range(len(names))]
 
 
+def _meta_ordered(z) -> bool:
+    """The `ordered` flag (files written before it existed hold unordered images)."""
+    return bool(z["ordered"]) if "ordered" in z.files else False
+
+
 def open_store(path: str | os.PathLike) -> "PairPredictions":
     """The `PairPredictions` of a pair store folder, its maps as `DiskMaps` (nothing but the metadata is read:
     headers and file sizes are checked here; values when they are read). PredictionsError names the bad file."""
@@ -302,13 +310,15 @@ def open_store(path: str | os.PathLike) -> "PairPredictions":
     with open_npz(path / "meta.npz", STORE_KIND, STORE_VERSION, "pair store", fix, PredictionsError) as z:
         edges = z["edges"]
         images = _meta_images(z)
+        ordered = _meta_ordered(z)
     maps = [DiskMaps(path / f"{stem}.npy") for stem, _ in STORE_MAPS]
     for (stem, _), m in zip(STORE_MAPS, maps):
         if len(m) != len(edges) or m.dtype != maps[0].dtype:
             raise PredictionsError(f"{m.path}: {len(m)} edges of {m.dtype} where meta.npz lists {len(edges)} edges "
                                    f"of {maps[0].dtype}; {fix}")
     try:
-        return PairPredictions(images=images, edges=edges, pts1=maps[0], pts2=maps[1], conf1=maps[2], conf2=maps[3])
+        return PairPredictions(images=images, edges=edges, pts1=maps[0], pts2=maps[1], conf1=maps[2], conf2=maps[3],
+                               ordered=ordered)
     except PredictionsError as e:
         raise PredictionsError(f"{path}: {e}") from None
 
@@ -323,6 +333,7 @@ class PairPredictions:
     pts2: Maps          # [E, H, W, 3] float
     conf1: Maps         # [E, H, W] float, >= 1
     conf2: Maps         # [E, H, W] float, >= 1
+    ordered: bool = False   # the images are frames of one sequence in index order (a video)
 
     def __post_init__(self) -> None:
         self.edges = np.asarray(self.edges, dtype=np.int64).reshape(-1, 2)
@@ -423,7 +434,7 @@ class PairPredictions:
             m = getattr(self, name)
             m = m[:] if isinstance(m, DiskMaps) else m
             maps[name] = conv(m, key) if self.uniform else [conv(t, key) for t in m]
-        return PairPredictions(images=self.images, edges=self.edges, **maps)
+        return PairPredictions(images=self.images, edges=self.edges, ordered=self.ordered, **maps)
 
     # ------------------------------------------------------------------ access
     def edge(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -503,7 +514,7 @@ class PairPredictions:
     def save(self, path: str | os.PathLike) -> Path:
         """Write one `.npz` atomically: format tag, edges, per-image metadata and colours, the maps (stacked
         arrays when uniform, else one array per edge and side)."""
-        arrays = _meta_arrays(self.images, self.edges)
+        arrays = _meta_arrays(self.images, self.edges, self.ordered)
         arrays["uniform"] = np.array(self.uniform)
         for key in ("pts1", "pts2", "conf1", "conf2"):
             maps = getattr(self, key)
@@ -525,13 +536,15 @@ class PairPredictions:
                       PredictionsError) as z:
             edges = z["edges"]
             images = _meta_images(z)
+            ordered = _meta_ordered(z)
             if bool(z["uniform"]):
                 maps = [torch.from_numpy(z[key]) for key in ("pts1", "pts2", "conf1", "conf2")]
             else:
                 maps = [[torch.from_numpy(z[f"{key}_{e}"]) for e in range(len(edges))]
                         for key in ("pts1", "pts2", "conf1", "conf2")]
         try:
-            preds = cls(images=images, edges=edges, pts1=maps[0], pts2=maps[1], conf1=maps[2], conf2=maps[3])
+            preds = cls(images=images, edges=edges, pts1=maps[0], pts2=maps[1], conf1=maps[2], conf2=maps[3],
+                        ordered=ordered)
             preds.check_values()
         except PredictionsError as e:
             raise PredictionsError(f"{path}: {e}") from None

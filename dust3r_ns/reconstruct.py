@@ -29,7 +29,7 @@ from dust3r_ns.cache import (Cache, CacheConfig, PhotoInfo, build_reconstruction
                                               reconstruction_options)
 from dust3r_ns.pipeline import (Cameras, CamerasConfig, Masks, MasksConfig, Network, NetworkConfig, Pairs,
                                 PairsConfig, Points, PointsConfig, Video, align_inputs, default_model_source,
-                                inputs_fingerprint, masks_folder, refine_tracks, run_pairs)
+                                inputs_fingerprint, masks_folder, ordered_input, refine_tracks, run_pairs)
 from dust3r_ns.predictions import PairPredictions
 from dust3r_ns.scene import Reconstruction
 from dust3r_ns.video import VideoConfig, frames_folder, is_video
@@ -103,6 +103,7 @@ def run(cfg: ReconstructConfig) -> Reconstruction | None:
     rows = []
     if saved is not None:
         preds = PairPredictions.load(saved)
+        preds.ordered = preds.ordered or cfg.pairs.ordered
         print(f"{saved}: {preds.n_images} images, {preds.n_edges} pairs (saved predictions)", file=sys.stderr)
         rec = align_inputs(preds, cfg.align, cfg.points, cfg.cameras, cfg.masks, cfg.network.device)
         sources = [Path(im.path) for im in preds.images] if all(im.path for im in preds.images) else None
@@ -121,6 +122,7 @@ def run(cfg: ReconstructConfig) -> Reconstruction | None:
         how = f"sharded over {distributed.world()[1]} processes"
     else:
         images = cfg.images
+        pairs = dataclasses.replace(cfg.pairs, ordered=ordered_input(images, cfg.pairs))   # (a clip's frames)
         if len(images) == 1 and is_video(images[0]):
             images = [frames_folder(images[0], cfg.video)]
         photos = photo_list(images)
@@ -131,11 +133,11 @@ def run(cfg: ReconstructConfig) -> Reconstruction | None:
         if cfg.cameras != CamerasConfig() or masks_folder(cfg.masks, [], folder) is not None:
             inputs = inputs_fingerprint(cfg.cameras, masks_folder(cfg.masks, [], folder),
                                         [ph.path.name for ph in photos])
-        options = reconstruction_options(network, cfg.pairs, cfg.align, cfg.points, inputs)
+        options = reconstruction_options(network, pairs, cfg.align, cfg.points, inputs)
         cache_dir = cache_dir_for(photos, cfg.cache)
         scene = load_or_build(
             photos, cache_dir, model_identity(model), options,
-            lambda paths: build_reconstruction(paths, network, cfg.pairs, cfg.align, cfg.points,
+            lambda paths: build_reconstruction(paths, network, pairs, cfg.align, cfg.points,
                                                label=", ".join(str(p) for p in cfg.images), cameras=cfg.cameras,
                                                masks=cfg.masks, photo_folder=folder, store_dir=cache_dir),
             use_cache=cfg.cache.use_cache)

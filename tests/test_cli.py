@@ -43,6 +43,17 @@ def test_infer_writes_pairs(tiny_model, photos, tmp_path):
     assert preds.pts1.shape == (6, 224, 224, 3) and preds.conf2.shape == (6, 224, 224)
     assert preds.edges[:, 0].tolist() == [1, 2, 2, 0, 0, 1]
     assert preds.names == ["p0.png", "p1.png", "p2.png"] and preds.images[1].path == str(photos / "p1.png")
+    assert not preds.ordered                                  # a photo folder is an unordered set
+
+
+def test_ordered_frames_are_recorded_in_the_pairs(tiny_model, photos, tmp_path):
+    """`--ordered` (frames of one sequence, in name order) travels with the pairs, in an .npz and in a pair store,
+    to the aligner's sequence prior."""
+    args = ["infer", str(photos), "--model", tiny_model, "--ordered"]
+    assert main(args + ["--out", str(tmp_path / "pairs.npz")]) == 0
+    assert PairPredictions.load(tmp_path / "pairs.npz").ordered
+    assert main(args + ["--store", "disk", "--out", str(tmp_path / "store")]) == 0
+    assert PairPredictions.load(tmp_path / "store").ordered
 
 
 def test_full_frame_feeds_the_224_network_the_whole_photo(tiny_model, photos, tmp_path):

@@ -48,6 +48,22 @@ def test_save_load_round_trip(tmp_path, shapes):
     _equal(preds, PairPredictions.load(path))
 
 
+def test_ordered_flag_survives_save_load_and_conversion(tmp_path):
+    """`ordered` (frames of one sequence) is saved, loaded and kept by `astype`; files written before the flag
+    existed load as unordered."""
+    from dust3r_ns.fileio import save_npz
+    from dust3r_ns.predictions import FORMAT_KIND, FORMAT_VERSION
+
+    preds = _preds()
+    preds.ordered = True
+    back = PairPredictions.load(preds.save(tmp_path / "seq.npz"))
+    assert back.ordered and back.astype(torch.float16).ordered
+    with np.load(tmp_path / "seq.npz") as z:
+        old = {k: z[k] for k in z.files if k not in ("ordered", "format_kind", "format_version")}
+    save_npz(tmp_path / "old.npz", old, FORMAT_KIND, FORMAT_VERSION, "pair predictions")
+    assert not PairPredictions.load(tmp_path / "old.npz").ordered
+
+
 @pytest.mark.parametrize("shapes", [((6, 8),) * 3, ((6, 8), (8, 6), (6, 8))])
 def test_reference_adapter_round_trip(shapes):
     preds = _preds(shapes)

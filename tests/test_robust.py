@@ -11,7 +11,7 @@ import torch
 
 from dust3r_ns.align import AlignConfig, global_align
 from dust3r_ns.align.robust import (chain_rotations, consensus_rotations, keep_structure, reject_edges,
-                                    rotation_residuals, spanning_tree)
+                                    rotation_residuals, sequence_weights, spanning_tree)
 from dust3r_ns.bench.robust import angle_ratios, edge_rotation_errors, inject_gross_edges, render_orbit
 from dust3r_ns.geometry import so3_exp
 from dust3r_ns.metrics import pose_metrics
@@ -85,6 +85,49 @@ def test_consensus_rotations_reject_structured_mutually_consistent_outliers():
     R, r = consensus_rotations(n, i, j, Rrel, w, 15.0, 8)
     good = torch.rad2deg(rotation_residuals(R, i, j, Rrel))[torch.from_numpy(~wrap)]
     assert float(good.max()) < 5.0
+
+
+def test_sequence_prior_keeps_a_closed_loop_from_folding():
+    # 16 frames of a closed 360-deg loop (22.5 deg steps), pairs up to 2 apart around the loop; the network's wrong
+    # pairs link each frame to the far side (8 apart), seen mirrored: they claim the two sides face alike, as
+    # confident as the right pairs. The folded world (half the loop, twice) then has more support than the loop;
+    # as frames of a video, the sequence's neighbours count more and the loop wins.
+    n = 16
+    yaw = lambda deg: so3_exp(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64) * math.radians(deg))  # noqa: E731
+    Rg = torch.stack([yaw(22.5 * k) for k in range(n)])
+    fold = torch.stack([yaw(22.5 * (k % 8)) for k in range(n)])
+    und = [(a, b) for a in range(n) for b in range(a + 1, n) if min(b - a, n - b + a) <= 2 or b - a == 8]
+    e = np.array(und + [(b, a) for a, b in und])
+    i, j = e[:, 0], e[:, 1]
+    wrong = np.abs(i - j) == 8
+    noise = so3_exp(torch.from_numpy(np.random.default_rng(0).normal(0, math.radians(1.0), (len(e), 3))))
+    true_rel = Rg[i].transpose(1, 2) @ Rg[j]
+    Rrel = torch.where(torch.from_numpy(wrong)[:, None, None], fold[i].transpose(1, 2) @ fold[j], true_rel) @ noise
+    w = torch.ones(len(e), dtype=torch.float64)
+    seq = sequence_weights(e, 2, 5.0)
+    assert torch.equal(seq, torch.from_numpy(np.where((np.abs(i - j) <= 2), 5.0, 1.0)))   # not the loop's closure
+    for weights, folded in ((w, True), (w * seq, False)):
+        R, _ = consensus_rotations(n, i, j, Rrel, weights, 15.0, 32)
+        err = torch.rad2deg(rotation_residuals(R, i, j, true_rel))
+        assert (float(err.max()) > 90) == folded
+        keep, _ = reject_edges(n, e, Rrel, torch.ones(len(e), dtype=torch.float64), weights)
+        assert int(keep[wrong].sum()) == (int(wrong.sum()) if folded else 0)   # the fold keeps every wrong pair
+    assert keep[~wrong].all()                                                  # the loop every right one
+
+
+def test_alignment_reads_the_sequence_order_from_the_predictions(orbit_case, monkeypatch):
+    import dust3r_ns.align.api as api
+
+    seen = []
+    real = api.detect_outliers
+    monkeypatch.setattr(api, "detect_outliers", lambda data, cfg, ordered=False: seen.append(ordered)
+                        or real(data, cfg, ordered))
+    preds, _ = orbit_case
+    for ordered in (False, True):
+        p = PairPredictions(images=preds.images, edges=preds.edges, pts1=preds.pts1, pts2=preds.pts2,
+                            conf1=preds.conf1, conf2=preds.conf2, ordered=ordered)
+        global_align(p, verbose=False, niter=5)
+    assert seen == [False, True]
 
 
 def test_chain_rotations_follow_the_tree():
@@ -211,8 +254,8 @@ def test_alignment_readmits_good_edges_that_an_over_eager_consensus_rejected(orb
     extra = (off == off[~mask].max()) & ~mask
     assert extra.sum() >= 2
 
-    def eager(data, cfg):
-        rej, rep = robust.detect_outliers(data, cfg)
+    def eager(data, cfg, ordered=False):
+        rej, rep = robust.detect_outliers(data, cfg, ordered)
         return rej | extra, rep
 
     monkeypatch.setattr(api, "detect_outliers", eager)
@@ -258,8 +301,8 @@ def test_a_readmitted_edge_that_the_re_solved_poses_cannot_explain_goes_out_agai
     forced = np.zeros(len(E), bool)
     forced[[wrong, good]] = True
 
-    def eager(data, cfg):
-        rej, rep = robust.detect_outliers(data, cfg)
+    def eager(data, cfg, ordered=False):
+        rej, rep = robust.detect_outliers(data, cfg, ordered)
         return rej | forced, rep
 
     calls = []

@@ -37,6 +37,7 @@ def test_store_round_trip(tmp_path, dtype):
     assert back.on_disk and back.uniform and back.dtype == dtype and back.names == preds.names
     assert np.array_equal(back.edges, preds.edges) and all(np.array_equal(a.rgb, b.rgb)
                                                            for a, b in zip(back.images, preds.images))
+    assert not back.ordered
     # float32: bit-exact; float16: exactly the in-memory float16 conversion (to_storage; ~3 significant digits)
     ref = preds.astype(dtype)
     for key in ("pts1", "pts2", "conf1", "conf2"):

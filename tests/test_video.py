@@ -90,7 +90,11 @@ def test_bad_video_and_options_are_one_line_errors(tmp_path):
         frames_folder(tmp_path / "missing.mp4")
 
 
-def test_reconstruct_a_clip(tmp_path):
+def test_reconstruct_a_clip(tmp_path, monkeypatch):
+    """A clip's frames are reconstructed and exported as ordered input (its pairs say so, for the aligner)."""
+    import dust3r_ns.reconstruct as rc
+    from dust3r_ns.predictions import PairPredictions
+
     torch.manual_seed(0)
     model = AsymmetricCroCo3DStereo(img_size=(224, 224), enc_embed_dim=32, enc_depth=1, enc_num_heads=2,
                                     dec_embed_dim=32, dec_depth=1, dec_num_heads=2)
@@ -98,8 +102,15 @@ def test_reconstruct_a_clip(tmp_path):
     clip = tmp_path / "clip.mp4"
     _write_clip(clip)
     out = tmp_path / "out"
+    ordered = []
+    real = rc.build_reconstruction
+    monkeypatch.setattr(rc, "build_reconstruction", lambda paths, network, pairs, *a, **k: ordered.append(
+        pairs.ordered) or real(paths, network, pairs, *a, **k))
     assert main(["reconstruct", str(clip), "--fps", "1", "--model", str(model_dir), "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"frame_{k:05d}.png" for k in range(3)]
+    assert ordered == [True]
+    assert main(["infer", str(clip), "--fps", "1", "--model", str(model_dir), "--out", str(tmp_path / "p.npz")]) == 0
+    assert PairPredictions.load(tmp_path / "p.npz").ordered
 
 
 def test_dataparser_takes_a_clip(tmp_path, monkeypatch):
@@ -116,7 +127,8 @@ def test_dataparser_takes_a_clip(tmp_path, monkeypatch):
     _write_clip(clip)
     seen = []
 
-    def fake_build(paths, network, *a, **k):
+    def fake_build(paths, network, pairs, *a, **k):
+        assert pairs.ordered                               # a clip's frames are ordered input
         seen.append([p.name for p in paths])
         return fake_reconstruction([p.name for p in paths], sizes=[(W, H)] * len(paths))
 

@@ -167,6 +167,7 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     # a pair store on disk: the full-resolution maps are read chunk by chunk in every pass over the edges, so the
     # solve stops after the coarse phase and the full-resolution depth passes (no full-resolution polish)
     data = pair_data(preds, dev, dtype)
+    ordered = preds.ordered
     del preds
     cons = _constraints(data, cfg.shared_focal, known_K, K_space, known_c2w, cfg.optimize_pp, dev)
     H, W = data.HW
@@ -183,7 +184,7 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
     rejected = np.zeros(data.n_edges, bool)
     readmitted = np.zeros(data.n_edges, bool)
     if robust:
-        rejected, report = detect_outliers(coarse, rob)
+        rejected, report = detect_outliers(coarse, rob, ordered)
         saved = drop_edges([data, coarse], rejected)
         candidates = rejected & ~(report["scale_residual"] > rob.scale_tol)    # rotation-flagged only
     st = mst_init(data, free if (mode == "fast" and N > 2) else cons, verbose, coarse=coarse,

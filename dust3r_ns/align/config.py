@@ -45,6 +45,10 @@ class RobustConfig:
     """A re-admitted edge stays when its residual against the poses re-solved with it is below this (degrees), or
     below reject_factor times the weighted median residual of the kept edges if that is larger; else it goes out
     again (inf: every re-admitted edge stays)."""
+    sequence_window: int = 2
+    """Ordered input (a video or --ordered): edges between frames at most this many apart get sequence_weight."""
+    sequence_weight: float = 10.0
+    """Consensus weight factor of those edges (neighbouring frames overlap; 1: no sequence prior)."""
     seed: int = 0
     """Seed of the perturbed spanning trees (results are deterministic)."""
 

@@ -3,7 +3,8 @@ directions of a pair, and neighbouring wrong pairs, agree with each other, so lo
 triangle consistency pass them), found by global consensus over the pose graph and dropped before the solve.
 
 Each ordered edge e = (i, j) gives a relative rotation Rrel_e (R_j ~ R_i Rrel_e, `averaging.relative_similarities`
-of the images' own point maps) and a prior weight w_e (the pair's confidence score). Consensus search
+of the images' own point maps) and a prior weight w_e (the pair's confidence score; for frames of one sequence, times
+`sequence_weight` on the edges between neighbouring frames, `sequence_weights`). Consensus search
 (`consensus_rotations`): spanning trees of the graph, the first of maximum weight and the others of weights perturbed
 by log-normal noise (w_e exp(sigma g_e), g_e ~ N(0, 1)), each chained into rotations and refined by robust averaging
 (IRLS on the Lie algebra with Geman-McClure weights w_e s^2 / (s^2 + r_e^2)^2, r_e = |log(R_i Rrel_e R_j^T)|); the
@@ -340,14 +341,26 @@ def restore_edges(saved: Saved, back: np.ndarray) -> None:
             t[k[sel]] = w[sel]
 
 
-def detect_outliers(data: PairData, cfg: RobustConfig) -> tuple[np.ndarray, dict]:
+def sequence_weights(edges: np.ndarray, window: int, weight: float) -> torch.Tensor:
+    """[E] float64 factors of the consensus weights for frames of one sequence: `weight` on the edges (i, j) with
+    0 < |i - j| <= `window`, 1 elsewhere. Neighbouring frames of a video overlap whatever they show, while a pair
+    network's wrong pairs link distant frames (the far side of a loop seen mirrored): on a rendered 350-degree loop
+    of 50 frames those outweigh the sequence, and the consensus picks a folded loop, unless the sequence counts more."""
+    gap = np.abs(edges[:, 0] - edges[:, 1])
+    return torch.as_tensor(np.where((gap > 0) & (gap <= window), float(weight), 1.0))
+
+
+def detect_outliers(data: PairData, cfg: RobustConfig, ordered: bool = False) -> tuple[np.ndarray, dict]:
     """(E,) bool mask of the edges to reject before the solve, and the report of `reject_edges`, from the relative
-    similarities of the images' own point maps (on `data`'s grid, typically the coarse one)."""
+    similarities of the images' own point maps (on `data`'s grid, typically the coarse one). `ordered`: the images
+    are frames of one sequence, whose neighbouring edges get `sequence_weights`."""
     from .init import edge_scores
 
     score = edge_scores(data)
     rho, Rrel, _t = relative_similarities(data, own_maps(data, score))
     w = prior_weights(score, cfg.gamma)
+    if ordered:
+        w = w * sequence_weights(data.edges_np, cfg.sequence_window, cfg.sequence_weight)
     keep, rep = reject_edges(data.n_images, data.edges_np, Rrel, rho, w,
                              inlier_deg=cfg.inlier_deg, reject_deg_min=cfg.reject_deg, reject_factor=cfg.reject_factor,
                              scale_tol=cfg.scale_tol, hypotheses=cfg.hypotheses, seed=cfg.seed)

@@ -278,7 +278,7 @@ def inject_gross_edges(preds: PairPredictions, gt: dict, frac: float, seed: int 
         pts2[e] = torch.from_numpy(((s * x @ R.T) + t).reshape(pts2[e].shape)).to(pts2[e].dtype)
         mask[e] = True
     out = PairPredictions(images=preds.images, edges=preds.edges, pts1=preds.pts1, pts2=pts2, conf1=preds.conf1,
-                          conf2=preds.conf2)
+                          conf2=preds.conf2, ordered=preds.ordered)
     return out, mask
 
 

@@ -4,7 +4,8 @@ Per case (N frames, a camera path, a prediction source):
   path 'orbit': a 120 deg arc around the scene ('wide' of `synth.camera_path`); 'loop': a 350 deg circle (the
   longer path: its two ends meet, the graph has to close the loop).
   source 'network': the bundled model (or `--model`) run by the pair engine on the default scene graph
-  (`pairs.default_scene_graph`, a retrieval graph above 12 frames); 'oracle': `synth.oracle_pairs` on the same
+  (`pairs.default_scene_graph`, a retrieval graph above 12 frames; with `--ordered` the frames are a video: the
+  video default graph, and the aligner's sequence prior, `RobustConfig.sequence_weight`); 'oracle': `synth.oracle_pairs` on the same
   edges (ground truth plus the oracle's mild noise), so the solver's share of the pose error is told apart from
   the network's.
 The predictions go into a pair store on disk (`--store disk`, float16; `PairStoreWriter`) or stay in memory
@@ -55,8 +56,11 @@ class ScaleBenchConfig:
     size: int = 224
     """Frames are rendered at size x size (the bundled model's input size)."""
     graph: str = "default"
-    """Scene graph of the network cases ('default': `default_scene_graph(N)`); the oracle uses the same edges
-    when the network case is cached, else this graph (a retrieval graph falls back to swin-6)."""
+    """Scene graph of the network cases ('default': `default_scene_graph(N, ordered)`); the oracle uses the same
+    edges when the network case is cached, else this graph (a retrieval graph falls back to swin-6)."""
+    ordered: bool = False
+    """The frames are a video (ordered input): the default graph's sequential window and the aligner's sequence
+    prior; else an unordered photo set."""
     store: str = "disk"
     """Where the predictions live while aligned: 'disk' (a float16 pair store) or 'float16' (in memory)."""
     seed: int = 0
@@ -92,10 +96,14 @@ def _model_tag(cfg: ScaleBenchConfig) -> str:
     return model_tag(cfg.model or default_model_source())
 
 
+def _graph(cfg: ScaleBenchConfig, n: int) -> str:
+    """The network cases' graph itself (not 'default')."""
+    return default_scene_graph(n, cfg.ordered) if cfg.graph == "default" else cfg.graph
+
+
 def _case_dir(cfg: ScaleBenchConfig, n: int, path: str, source: str) -> Path:
     tag = _model_tag(cfg) if source == "network" else "oracle"
-    graph = default_scene_graph(n) if cfg.graph == "default" else cfg.graph     # the graph itself, not 'default'
-    return Path(cfg.cache_dir) / f"{_key(cfg, n, path)}_{graph_key(graph)}_{tag}"
+    return Path(cfg.cache_dir) / f"{_key(cfg, n, path)}_{graph_key(_graph(cfg, n))}_{tag}"
 
 
 def _views(cfg: ScaleBenchConfig, n: int, path: str) -> list[dict]:
@@ -124,7 +132,7 @@ def _oracle_edges(cfg: ScaleBenchConfig, n: int, path: str) -> np.ndarray:
     if (net / "meta.npz").is_file():
         e = open_store(net).edges
         return e[e[:, 0] != e[:, 1]]
-    graph = default_scene_graph(n) if cfg.graph == "default" else cfg.graph
+    graph = _graph(cfg, n)
     return np.asarray(graph_edges(n, "swin-6" if is_retrieval(graph) else graph), np.int64).reshape(-1, 2)
 
 
@@ -149,14 +157,14 @@ def predict_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
     disk = cfg.store == "disk"
     out = root / ("pairs" if disk else "pairs.npz")
     if source == "network":
-        graph = default_scene_graph(n) if cfg.graph == "default" else cfg.graph
+        graph = _graph(cfg, n)
         net = load_model(cfg.model or default_model_source())
         net(*(dict(img=torch.zeros(1, 3, cfg.size, cfg.size), true_shape=torch.tensor([[cfg.size] * 2]))
               for _ in range(2)))                          # (kernels built/loaded before the clock starts)
         t1, c1 = time.perf_counter(), time.process_time()
         vs = [make_view(k, rgb=v["rgb"]) for k, v in enumerate(views)]
         preds = inference_graph(vs, net, graph, device="cpu", batch_size=cfg.batch_size, verbose=False,
-                                store_dtype=torch.float16, store_path=out if disk else None)
+                                store_dtype=torch.float16, store_path=out if disk else None, ordered=cfg.ordered)
     else:
         t1, c1 = time.perf_counter(), time.process_time()
         edges = _oracle_edges(cfg, n, path)
@@ -166,7 +174,7 @@ def predict_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
         images = [make_view(k, rgb=v["rgb"], name=f"frame_{k:05d}").info for k, v in enumerate(views)]
         chunk = 64
         tmp = root / ".oracle_tmp"
-        with PairStoreWriter(out if disk else tmp, images, edges, H, W, torch.float16) as w:
+        with PairStoreWriter(out if disk else tmp, images, edges, H, W, torch.float16, cfg.ordered) as w:
             for a in range(0, len(edges), chunk):
                 o = oracle_pairs(views, [tuple(e) for e in edges[a:a + chunk].tolist()], seed=cfg.seed * 7919 + a)
                 w.write(a, dict(pts1=o["pred1"]["pts3d"], pts2=o["pred2"]["pts3d_in_other_view"],
@@ -197,6 +205,7 @@ def align_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
         torch.set_num_threads(cfg.threads)
     root = _case_dir(cfg, n, path, source)
     preds = PairPredictions.load(root / ("pairs" if cfg.store == "disk" else "pairs.npz"))
+    preds.ordered = cfg.ordered         # (the cached pairs of an explicit graph serve both)
     t0, c0 = time.perf_counter(), time.process_time()
     rec = global_align(preds, verbose=False, dtype="float16" if cfg.store == "float16" else "float32")
     sec, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -225,7 +234,7 @@ def run_case(cfg: ScaleBenchConfig, n: int, path: str, source: str) -> dict:
         info["cached"] = False
     res = run_isolated(align_case, asdict(cfg), n, path, source)
     res["align_rss_gb"] = res.pop("peak_rss_mb") / 1024
-    return dict(info, **res, store=cfg.store, target_rra_mean_deg=1.5 * info["edge_err_median_deg"])
+    return dict(info, **res, store=cfg.store, ordered=cfg.ordered, target_rra_mean_deg=1.5 * info["edge_err_median_deg"])
 
 
 def _fmt(r: dict) -> str:
@@ -312,6 +321,8 @@ def run(cfg: ScaleBenchConfig) -> list[dict]:
         if cfg.json_out:
             Path(cfg.json_out).write_text(json.dumps(dict(config=asdict(cfg), memory_model=res), indent=1))
         return [res]
+    if cfg.ordered:
+        print("frames as a video (ordered input): the video default graph and the aligner's sequence prior", flush=True)
     print("    N path  source   pairs (pairs/img)  inference (* cached: figure of the run that computed it)  "
           "alignment  peak RSS  ATE  RRA mean/max  per-edge rotation error median  rejected", flush=True)
     rows: list[dict] = []

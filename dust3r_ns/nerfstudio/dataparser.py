@@ -130,6 +130,11 @@ class Dust3rDataParser(DataParser):
         data = Path(self.config.data)
         return frames_folder(data, self.config.video) if is_video(data) else data
 
+    def _pairs(self) -> PairsConfig:
+        """The pairs options; a video clip's frames are ordered input."""
+        c = self.config
+        return dataclasses.replace(c.pairs, ordered=True) if is_video(Path(c.data)) else c.pairs
+
     def _mask_dir(self) -> Optional[Path]:
         return masks_folder(self.config.masks, [], photo_folder=self._photos())
 
@@ -144,9 +149,9 @@ class Dust3rDataParser(DataParser):
 
     def _build(self, model: str, paths: list[Path], cache_dir: Path):
         c = self.config
-        return build_reconstruction(paths, dataclasses.replace(c.network, model=model), c.pairs, c.align, c.points,
-                                    label=str(c.data), cameras=c.cameras, masks=c.masks, photo_folder=self._photos(),
-                                    store_dir=cache_dir)
+        return build_reconstruction(paths, dataclasses.replace(c.network, model=model), self._pairs(), c.align,
+                                    c.points, label=str(c.data), cameras=c.cameras, masks=c.masks,
+                                    photo_folder=self._photos(), store_dir=cache_dir)
 
     def get_scene(self) -> CachedScene:
         """The reconstruction of `data`: a saved one, or the (cached) one of the photo folder; once per parser."""
@@ -158,7 +163,7 @@ class Dust3rDataParser(DataParser):
                 return self.scene
             photos = list_images(self._photos())
             model = c.network.model or default_model_source()
-            options = reconstruction_options(c.network, c.pairs, c.align, c.points, self._inputs_options())
+            options = reconstruction_options(c.network, self._pairs(), c.align, c.points, self._inputs_options())
             cache_dir = cache_dir_for(photos, c.cache)
             self.scene = load_or_build(photos, cache_dir, model_identity(model), options,
                                        lambda paths: self._build(model, paths, cache_dir), use_cache=c.cache.use_cache)
