@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dust3r_ns.fileio import open_npz, save_npz
 from dust3r_ns.images import View
-from dust3r_ns.inference import (batches, check_views, choose_pairs, decode_batch, encode_images,
+from dust3r_ns.inference import (announce_order, batches, check_views, choose_pairs, decode_batch, encode_images,
                                  predictions_from_chunks)
 from dust3r_ns.predictions import PairPredictions, to_storage
 
@@ -66,7 +66,8 @@ def sharded_inference(views: list[View], model, scene_graph: str, shard_dir: str
     dev = torch.device(device)
     model = model.to(dev).eval()
     feats = encode_images(model, views, dev, batch_size, amp, verbose and rank == 0)
-    pairs = choose_pairs(views, scene_graph, feats)
+    pairs, sequential = choose_pairs(views, scene_graph, feats)
+    ordered = announce_order(ordered, sequential, verbose and rank == 0)
     plan = batches(pairs, batch_size)
     mine = [b for b in range(len(plan)) if b % size == rank]
     arrays: dict[str, np.ndarray] = {"batches": np.array(mine, dtype=np.int64)}

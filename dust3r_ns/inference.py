@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dust3r_ns.images import View
 from dust3r_ns.pairs import graph_edges, is_retrieval, retrieval_edges
 from dust3r_ns.predictions import PairPredictions, PairStoreWriter, PredictionsError, open_store, to_storage
-from dust3r_ns.retrieval import vlad_descriptors
+from dust3r_ns.retrieval import looks_sequential, vlad_descriptors
 
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,15 +136,27 @@ def inference_graph(views: list[View], model, scene_graph: str, device="cpu", ba
 
     store_path: write each decoded batch into a pair store folder there (`PairStoreWriter`, in `store_dtype`)
     instead of keeping the maps in memory; the result then reads them from disk (`open_store`).
-    ordered: the views are frames of one sequence in index order (a video); recorded in the predictions."""
+    ordered: the views are frames of one sequence in index order (a video); recorded in the predictions, as is a
+    retrieval graph's finding that the views in index order look like one (`choose_pairs`)."""
     views, same = check_views(views)
     device, model = _prepare(model, device, batch_size)
     feats = encode_images(model, views, device, batch_size, amp, verbose)
-    pairs = choose_pairs(views, scene_graph, feats)
+    pairs, sequential = choose_pairs(views, scene_graph, feats)
+    ordered = announce_order(ordered, sequential, verbose)
     if store_path is not None:
         return _decode_to_store(model, pairs, views, feats, device, batch_size, amp, verbose, store_dtype,
                                 Path(store_path), ordered)
     return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose, store_dtype, ordered)
+
+
+def announce_order(ordered: bool, sequential: bool, verbose: bool) -> bool:
+    """Whether the predictions are ordered: given so (a video, --ordered), or the images in name order look like a
+    sequence by content (said on stderr when `verbose`)."""
+    if sequential and not ordered and verbose:
+        print("the photos in name order look like one sequence (their most similar photos are near in the order): "
+              "neighbouring photos are trusted more in the alignment (--align.robust.sequence-weight 1: not)",
+              file=sys.stderr)
+    return ordered or sequential
 
 
 def _prepare(model, device, batch_size: int):
@@ -185,15 +197,17 @@ def decode_batch(model, batch, feats: dict, device: torch.device, amp) -> tuple[
     return {k: v.float().cpu() for k, v in r1.items()}, {k: v.float().cpu() for k, v in r2.items()}
 
 
-def choose_pairs(views: list[View], scene_graph: str, feats: dict) -> list[tuple[View, View]]:
-    """The ordered pairs of `scene_graph` over the views (a retrieval graph from the encoder features `feats`)."""
+def choose_pairs(views: list[View], scene_graph: str, feats: dict) -> tuple[list[tuple[View, View]], bool]:
+    """(the ordered pairs of `scene_graph` over the views, whether the views in index order look like one sequence):
+    a retrieval graph ranks pairs by the VLAD descriptors of the encoder features `feats`, which also tell whether
+    content neighbours are index neighbours (`retrieval.looks_sequential`; False for the other graphs)."""
     if len(views) == 1:
-        return [(views[0], views[0])] * 2
+        return [(views[0], views[0])] * 2, False
     if is_retrieval(scene_graph):
         desc = vlad_descriptors([feats[k][0] for k in range(len(views))],
                                 positions=[feats[k][1] for k in range(len(views))])
-        return [(views[i], views[j]) for i, j in retrieval_edges(desc, scene_graph)]
-    return [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph)]
+        return [(views[i], views[j]) for i, j in retrieval_edges(desc, scene_graph)], looks_sequential(desc)
+    return [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph)], False
 
 
 def _decode_pairs(model, pairs, views: list[View], same: bool, feats: dict, device: torch.device, batch_size: int,

@@ -232,7 +232,7 @@ def run_pairs(images, network: NetworkConfig = NetworkConfig(), pairs: PairsConf
                                 verbose=verbose, store_dtype=store_dtype,
                                 store_path=(store_path or ".dust3r_pairs") if on_disk else None, ordered=ordered)
     if verbose and preds is not None:
-        print(f"{len(views)} {'frames in sequence' if ordered else 'images'}, scene graph {graph}: "
+        print(f"{len(views)} {'frames in sequence' if preds.ordered else 'images'}, scene graph {graph}: "
               f"{preds.n_edges} ordered pairs"
               + (f" on {size} processes" if size > 1 else ""), file=sys.stderr)
     return preds

@@ -20,11 +20,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dust3r_ns.pairs import FAR_MIN_SIMILARITY, is_retrieval
+from dust3r_ns.pairs import FAR_MIN_SIMILARITY, RETRIEVAL_K, is_retrieval
 
 RECIPE = f"vlad-k16-d32-grid2-far{FAR_MIN_SIMILARITY:g}"
 """How a retrieval graph chooses its pairs: `vlad_descriptors` as the engine calls it (its defaults, with the
 tokens' positions) and the far links' similarity floor; cache keys of pair predictions include it (`graph_key`)."""
+SEQUENCE_GAP = 0.15
+"""Images in index (file-name) order form a sequence when the median index distance to their most similar images
+is below this fraction of their number (`looks_sequential`): half of a shuffled set's (1 - 1/sqrt(2) ~ 0.29)."""
 SAMPLE_PER_IMAGE = 64      # tokens per image used to fit the projection and the codebook
 SAMPLE_MAX = 20_000        # at most this many tokens in the fit
 
@@ -35,6 +38,22 @@ def graph_key(scene_graph: str | None) -> str:
     if not scene_graph or is_retrieval(scene_graph):
         return f"{scene_graph or ''}@{RECIPE}"
     return scene_graph
+
+
+def looks_sequential(desc: np.ndarray, k: int = RETRIEVAL_K) -> bool:
+    """True when the images, in index order, form a sequence by content (frames of a video, photos taken walking
+    around): over the links from each image to its k most similar ones (cosine of the unit descriptors `desc`
+    [N, D]), the median index distance |i - j| is below `SEQUENCE_GAP` x N. For images in random order |i - j| is
+    distributed as the distance of two random indices (median ~ 0.29 N); along a sequence, content neighbours are
+    index neighbours (median ~ k / 4 at best, so short sequences, N < ~ 2 k, are never found)."""
+    desc = np.asarray(desc, dtype=np.float64)
+    n = len(desc)
+    if n < 3:
+        return False
+    S = desc @ desc.T                                     # [N, N]
+    np.fill_diagonal(S, -np.inf)
+    top = np.argsort(-S, axis=1, kind="stable")[:, : min(k, n - 1)]     # [N, k]
+    return bool(np.median(np.abs(top - np.arange(n)[:, None])) < SEQUENCE_GAP * n)
 
 
 def _assign(z: np.ndarray, words: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from dust3r_ns.images import make_view
 from dust3r_ns.inference import encode_images, inference, inference_graph
 from dust3r_ns.model.network import AsymmetricCroCo3DStereo
 from dust3r_ns.pairs import graph_edges, make_pairs, retrieval_edges
-from dust3r_ns.retrieval import vlad_descriptors
+from dust3r_ns.retrieval import looks_sequential, vlad_descriptors
 
 TINY = dict(enc_embed_dim=32, enc_depth=1, enc_num_heads=2, dec_embed_dim=32, dec_depth=1, dec_num_heads=2)
 
@@ -150,10 +150,11 @@ def test_cache_keys_name_the_recipe_of_retrieval_graphs(monkeypatch):
     def key(graph):
         return reconstruction_options(NetworkConfig(), PairsConfig(scene_graph=graph), AlignConfig(), PointsConfig())
 
-    before = {g: key(g) for g in (None, "retrieval-8+far", "swin-3")}
-    monkeypatch.setattr(retrieval, "RECIPE", "another-recipe")
-    assert key(None) != before[None] and key("retrieval-8+far") != before["retrieval-8+far"]
-    assert key("swin-3") == before["swin-3"]
+    for name, value in (("RECIPE", "another-recipe"), ("SEQUENCE_GAP", 0.2)):   # pairs, and the order they read
+        before = {g: key(g) for g in (None, "retrieval-8+far", "swin-3")}
+        monkeypatch.setattr(retrieval, name, value)
+        assert key(None) != before[None] and key("retrieval-8+far") != before["retrieval-8+far"]
+        assert key("swin-3") == before["swin-3"]
 
 
 def test_far_links_skip_images_less_alike_than_unrelated_ones():
@@ -170,3 +171,31 @@ def test_far_links_skip_images_less_alike_than_unrelated_ones():
     assert gaps == {4, 8}                                   # ranks 8 and 16 (each side) of every image
     assert all(desc[i] @ desc[j] > FAR_MIN_SIMILARITY for i, j in edges - near)
     assert edges == set(retrieval_edges(desc, f"retrieval-{k}+far-2", symmetrize=False))   # rank 32: none kept
+
+
+def test_sequence_found_by_content_in_index_order():
+    """Descriptors along a path (each view like its index neighbours): a sequence in index order, not once shuffled;
+    too few images to tell are not one."""
+    rng = np.random.default_rng(0)
+    steps = rng.standard_normal((60, 16))
+    desc = _unit(np.cumsum(steps, 0) + 0.1 * rng.standard_normal((60, 16)))    # a random walk: nearby = alike
+    assert looks_sequential(desc)
+    assert not any(looks_sequential(desc[np.random.default_rng(s).permutation(60)]) for s in range(20))
+    assert not looks_sequential(desc[:2])
+
+
+def test_engine_records_rendered_frames_in_order_as_a_sequence():
+    """The bundled model on a rendered 24-frame orbit: its content neighbours are index neighbours, so the engine
+    records the frames as ordered (the aligner's sequence prior); the same frames shuffled are an unordered set."""
+    from dust3r_ns.bench.robust import render_orbit
+    from dust3r_ns.model.checkpoint import load_model
+    from dust3r_ns.pipeline import default_model_source
+
+    frames, _, _ = render_orbit(24, 112, 112, "wide", 0)
+    net = load_model(default_model_source())
+    order = np.random.default_rng(0).permutation(24)
+    for idx, sequence in ((np.arange(24), True), (order, False)):
+        views = [make_view(k, rgb=frames[int(f)]["rgb"]) for k, f in enumerate(idx)]
+        preds = inference_graph(views, net, "retrieval-3", verbose=False)
+        assert preds.ordered == sequence
+        assert inference_graph(views, net, "retrieval-3", verbose=False, ordered=True).ordered   # given: kept

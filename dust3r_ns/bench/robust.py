@@ -286,6 +286,7 @@ def align_run(preds: PairPredictions, gt: dict, robust: bool, gross: np.ndarray)
     """One fast alignment: RRA mean/max, RRA on the graph's own edges (median/mean), ATE, edges rejected (and how many
     of them are gross), re-admitted, seconds."""
     t0 = time.perf_counter()
+    preds.ordered = False              # an unordered photo set (no order read from the renders' content)
     rec = global_align(preds, AlignConfig().replace(robust=robust), verbose=False)
     sec = time.perf_counter() - t0
     pm = pose_metrics(rec.c2w, gt["c2w"])

@@ -60,7 +60,7 @@ class ScaleBenchConfig:
     edges when the network case is cached, else this graph (a retrieval graph falls back to swin-6)."""
     ordered: bool = False
     """The frames are a video (ordered input): the default graph's sequential window and the aligner's sequence
-    prior; else an unordered photo set."""
+    prior; else an unordered photo set (the order the engine may read from the renders' content is withheld)."""
     store: str = "disk"
     """Where the predictions live while aligned: 'disk' (a float16 pair store) or 'float16' (in memory)."""
     seed: int = 0
@@ -205,7 +205,7 @@ def align_case(cfg_dict: dict, n: int, path: str, source: str) -> dict:
         torch.set_num_threads(cfg.threads)
     root = _case_dir(cfg, n, path, source)
     preds = PairPredictions.load(root / ("pairs" if cfg.store == "disk" else "pairs.npz"))
-    preds.ordered = cfg.ordered         # (the cached pairs of an explicit graph serve both)
+    preds.ordered = cfg.ordered         # (the cached pairs of an explicit graph serve both; no order detected)
     t0, c0 = time.perf_counter(), time.process_time()
     rec = global_align(preds, verbose=False, dtype="float16" if cfg.store == "float16" else "float32")
     sec, cpu = time.perf_counter() - t0, time.process_time() - c0
