@@ -126,7 +126,7 @@ def test_alignment_reads_the_sequence_order_from_the_predictions(orbit_case, mon
     for ordered in (False, True):
         p = PairPredictions(images=preds.images, edges=preds.edges, pts1=preds.pts1, pts2=preds.pts2,
                             conf1=preds.conf1, conf2=preds.conf2, ordered=ordered)
-        global_align(p, verbose=False, niter=5)
+        assert global_align(p, verbose=False, niter=5).meta["ordered"] == int(ordered)   # recorded with the result
     assert seen == [False, True]
 
 

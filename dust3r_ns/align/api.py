@@ -258,7 +258,7 @@ def global_align(preds: Any, config: AlignConfig | None = None, *, known_K: Any 
                     converged=int(bool(stats.get("converged", True))),
                     seconds=float(time.perf_counter() - t0),
                     conf_thr=float(conf_thr), edges_rejected=int(rejected.sum()),
-                    edges_readmitted=int(readmitted.sum()),
+                    edges_readmitted=int(readmitted.sum()), ordered=int(bool(ordered)),
                     rejected_edges=",".join(str(k) for k in np.nonzero(rejected)[0]))
     return rec
 
