@@ -123,6 +123,15 @@ def make_pairs(views: list, scene_graph: str = "complete", symmetrize: bool = Tr
     return [(views[i], views[j]) for i, j in graph_edges(len(views), scene_graph, symmetrize, prefilter)]
 
 
+def similarity_ranks(desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(S [N, N] cosine similarities of the unit descriptors `desc` [N, D] with -inf on the diagonal, order [N, N-1]
+    each image's others from most to least similar, ties by index)."""
+    desc = np.asarray(desc, dtype=np.float64)
+    S = desc @ desc.T
+    np.fill_diagonal(S, -np.inf)
+    return S, np.argsort(-S, axis=1, kind="stable")[:, : len(desc) - 1]
+
+
 def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize: bool = True
                     ) -> list[tuple[int, int]]:
     """Edges of a retrieval graph over unit descriptors `desc` [N, D] (cosine similarity S = desc desc^T).
@@ -136,14 +145,11 @@ def retrieval_edges(desc: np.ndarray, scene_graph: str = "retrieval", symmetrize
     O(N (K + F)) pairs (`+far`: O(N (K + log N))).
     """
     k, far, w = _parse_retrieval(scene_graph)
-    desc = np.asarray(desc, dtype=np.float64)
     n = len(desc)
     if n == 1:
         return [(0, 0)] * (2 if symmetrize else 1)
-    S = desc @ desc.T                                   # [N, N]
-    np.fill_diagonal(S, -np.inf)
+    S, order = similarity_ranks(desc)                   # [N, N], [N, N-1]
     found: set[tuple[int, int]] = set()
-    order = np.argsort(-S, axis=1, kind="stable")[:, : n - 1]      # [N, N-1] others by similarity
     ranks = list(range(min(k, n - 1)))
     f = 1
     while (far is None or f <= far) and (k << f) <= n - 1:     # far links at ranks 2K, 4K, ... (1-based)

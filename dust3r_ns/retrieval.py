@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dust3r_ns.pairs import FAR_MIN_SIMILARITY, RETRIEVAL_K, is_retrieval
+from dust3r_ns.pairs import FAR_MIN_SIMILARITY, RETRIEVAL_K, is_retrieval, similarity_ranks
 
 RECIPE = f"vlad-k16-d32-grid2-far{FAR_MIN_SIMILARITY:g}"
 """How a retrieval graph chooses its pairs: `vlad_descriptors` as the engine calls it (its defaults, with the
@@ -46,13 +46,10 @@ def looks_sequential(desc: np.ndarray, k: int = RETRIEVAL_K) -> bool:
     [N, D]), the median index distance |i - j| is below `SEQUENCE_GAP` x N. For images in random order |i - j| is
     distributed as the distance of two random indices (median ~ 0.29 N); along a sequence, content neighbours are
     index neighbours (median ~ k / 4 at best, so short sequences, N < ~ 2 k, are never found)."""
-    desc = np.asarray(desc, dtype=np.float64)
     n = len(desc)
     if n < 3:
         return False
-    S = desc @ desc.T                                     # [N, N]
-    np.fill_diagonal(S, -np.inf)
-    top = np.argsort(-S, axis=1, kind="stable")[:, : min(k, n - 1)]     # [N, k]
+    top = similarity_ranks(desc)[1][:, :k]                # [N, k]
     return bool(np.median(np.abs(top - np.arange(n)[:, None])) < SEQUENCE_GAP * n)
 
 

@@ -5,9 +5,9 @@ Per case (N frames, a camera path, a prediction source):
   longer path: its two ends meet, the graph has to close the loop).
   source 'network': the bundled model (or `--model`) run by the pair engine on the default scene graph
   (`pairs.default_scene_graph`, a retrieval graph above 12 frames; with `--ordered` the frames are a video: the
-  video default graph, and the aligner's sequence prior, `RobustConfig.sequence_weight`); 'oracle': `synth.oracle_pairs` on the same
-  edges (ground truth plus the oracle's mild noise), so the solver's share of the pose error is told apart from
-  the network's.
+  video default graph, and the aligner's sequence prior, `RobustConfig.sequence_weight`); 'oracle':
+  `synth.oracle_pairs` on the same edges (ground truth plus the oracle's mild noise), so the solver's share of the
+  pose error is told apart from the network's.
 The predictions go into a pair store on disk (`--store disk`, float16; `PairStoreWriter`) or stay in memory
 (`float16`); they and the ground truth are cached under `cache_dir`, so reruns skip rendering and the network.
 Inference and alignment each run in a fresh process (`bench.common.run_isolated`): their peak RSS are their own.
@@ -234,7 +234,8 @@ def run_case(cfg: ScaleBenchConfig, n: int, path: str, source: str) -> dict:
         info["cached"] = False
     res = run_isolated(align_case, asdict(cfg), n, path, source)
     res["align_rss_gb"] = res.pop("peak_rss_mb") / 1024
-    return dict(info, **res, store=cfg.store, ordered=cfg.ordered, target_rra_mean_deg=1.5 * info["edge_err_median_deg"])
+    return dict(info, **res, store=cfg.store, ordered=cfg.ordered,
+                target_rra_mean_deg=1.5 * info["edge_err_median_deg"])
 
 
 def _fmt(r: dict) -> str:
