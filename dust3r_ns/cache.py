@@ -161,13 +161,17 @@ def reconstruction_options(network, pairs, align, points, inputs: Optional[dict]
     """The options that change the reconstruction (part of the cache key; device and memory budget are not);
     `inputs`: the fingerprint of known cameras and masks when used (`pipeline.inputs_fingerprint`)."""
     al = {k: v for k, v in dataclasses.asdict(align).items() if k not in ("device", "memory_limit_bytes")}
-    from dust3r_ns.pairs import is_retrieval
+    from dust3r_ns.align.robust import SEQUENCE_RULE
+    from dust3r_ns.pairs import declares_order, is_retrieval
     from dust3r_ns.retrieval import SEQUENCE_GAP, graph_key
 
     out = {"pairs": dataclasses.asdict(pairs), "align": al, "conf_thr": points.conf_thr, "amp": network.amp,
            "graph": graph_key(pairs.scene_graph)}
-    if not pairs.scene_graph or is_retrieval(pairs.scene_graph):    # a content graph also reads the photos' order
+    content = not pairs.scene_graph or is_retrieval(pairs.scene_graph)
+    if content:                                                     # a content graph also reads the photos' order
         out["sequence_gap"] = SEQUENCE_GAP
+    if content or pairs.ordered or declares_order(pairs.scene_graph):   # (input the sequence prior may apply to)
+        out["sequence_rule"] = SEQUENCE_RULE
     if inputs:
         out["inputs"] = inputs
     return out

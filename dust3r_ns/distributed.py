@@ -67,7 +67,7 @@ def sharded_inference(views: list[View], model, scene_graph: str, shard_dir: str
     model = model.to(dev).eval()
     feats = encode_images(model, views, dev, batch_size, amp, verbose and rank == 0)
     pairs, sequential = choose_pairs(views, scene_graph, feats)
-    ordered = announce_order(ordered, sequential, verbose and rank == 0)
+    ordered = announce_order(ordered, sequential, verbose and rank == 0, scene_graph)
     plan = batches(pairs, batch_size)
     mine = [b for b in range(len(plan)) if b % size == rank]
     arrays: dict[str, np.ndarray] = {"batches": np.array(mine, dtype=np.int64)}

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dust3r_ns.images import View
-from dust3r_ns.pairs import graph_edges, is_retrieval, retrieval_edges
+from dust3r_ns.pairs import declares_order, graph_edges, is_retrieval, retrieval_edges
 from dust3r_ns.predictions import PairPredictions, PairStoreWriter, PredictionsError, open_store, to_storage
 from dust3r_ns.retrieval import looks_sequential, vlad_descriptors
 
@@ -142,21 +142,24 @@ def inference_graph(views: list[View], model, scene_graph: str, device="cpu", ba
     device, model = _prepare(model, device, batch_size)
     feats = encode_images(model, views, device, batch_size, amp, verbose)
     pairs, sequential = choose_pairs(views, scene_graph, feats)
-    ordered = announce_order(ordered, sequential, verbose)
+    ordered = announce_order(ordered, sequential, verbose, scene_graph)
     if store_path is not None:
         return _decode_to_store(model, pairs, views, feats, device, batch_size, amp, verbose, store_dtype,
                                 Path(store_path), ordered)
     return _decode_pairs(model, pairs, views, same, feats, device, batch_size, amp, verbose, store_dtype, ordered)
 
 
-def announce_order(ordered: bool, sequential: bool, verbose: bool) -> bool:
-    """Whether the predictions are ordered: given so (a video, --ordered), or the images in name order look like a
-    sequence by content (said on stderr when `verbose`)."""
-    if sequential and not ordered and verbose:
-        print("the photos in name order look like one sequence (their most similar photos are near in the order): "
-              "neighbouring photos are trusted more in the alignment (--align.robust.sequence-weight 1: not)",
+def announce_order(ordered: bool, sequential: bool, verbose: bool, scene_graph: str) -> bool:
+    """Whether the predictions are ordered: given so (a video, --ordered), by the scene graph's name (a sequential
+    window: `pairs.declares_order`), or the images in name order look like a sequence by content (`sequential`);
+    the last two are said on stderr when `verbose`."""
+    by_name = declares_order(scene_graph)
+    if (sequential or by_name) and not ordered and verbose:
+        why = (f"the scene graph {scene_graph} pairs the photos by their order" if by_name else
+               "the photos in name order look like one sequence (their most similar photos are near in the order)")
+        print(f"{why}: neighbouring photos are trusted more in the alignment (--align.robust.sequence-weight 1: not)",
               file=sys.stderr)
-    return ordered or sequential
+    return ordered or sequential or by_name
 
 
 def _prepare(model, device, batch_size: int):

@@ -32,6 +32,14 @@ def is_retrieval(scene_graph: str) -> bool:
     return isinstance(scene_graph, str) and RETRIEVAL.fullmatch(scene_graph.strip()) is not None
 
 
+def declares_order(scene_graph: str) -> bool:
+    """True for graphs built on the photos' order, which the name says are frames of one sequence: swin-K and
+    logwin-K (cyclic or not) and retrieval-K[+far]+swin-W."""
+    if is_retrieval(scene_graph):
+        return _parse_retrieval(scene_graph)[2] > 0
+    return _parse(scene_graph)[0] in ("swin", "logwin")
+
+
 def _parse_retrieval(scene_graph: str) -> tuple[int, int | None, int]:
     """(K, F, W) of `retrieval-K[+far[-F]][+swin-W]`: F = 0 without far links, None for `+far` alone (every doubling
     rank that exists)."""

@@ -72,7 +72,8 @@ class PairsConfig:
     """complete, swin-k, logwin-k, oneref-k (+ -noncyclic); None: chosen from the number of images."""
     ordered: bool = False
     """The photos are frames of one sequence in file-name order (frames extracted from a video): the default graph
-    adds a sequential window and the alignment trusts neighbouring frames more (a video file always is)."""
+    adds a sequential window and the alignment trusts neighbouring frames more (a video file always is; so is the
+    input of a swin/logwin scene graph)."""
 
 
 @dataclass(frozen=True)

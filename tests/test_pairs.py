@@ -86,3 +86,15 @@ def test_symmetrized_edges_cover_both_orders():
 def test_non_string_graph():
     with pytest.raises(ValueError, match="scene graph"):
         graph_edges(3, None)
+
+
+def test_sequential_graph_names_declare_the_order():
+    from dust3r_ns.pairs import declares_order
+
+    for graph in ("swin", "swin-3", "swin-2-noncyclic", "logwin-4", "logwin-3-noncyclic", "retrieval-8+swin-2",
+                  "retrieval-8+far+swin-2", default_scene_graph(64, ordered=True)):
+        assert declares_order(graph), graph
+    for graph in ("complete", "oneref-2", "retrieval", "retrieval-8+far", default_scene_graph(64)):
+        assert not declares_order(graph), graph
+    with pytest.raises(ValueError, match="unknown scene graph"):
+        declares_order("ring-3")

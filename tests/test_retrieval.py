@@ -143,7 +143,7 @@ def test_cache_keys_name_the_recipe_of_retrieval_graphs(monkeypatch):
     """Pairs chosen by content change with the recipe (descriptors, far-link floor): reconstruction cache keys of
     retrieval and default graphs change with it, those of fixed graphs do not."""
     from dust3r_ns import retrieval
-    from dust3r_ns.align import AlignConfig
+    from dust3r_ns.align import AlignConfig, robust
     from dust3r_ns.cache import reconstruction_options
     from dust3r_ns.pipeline import NetworkConfig, PairsConfig, PointsConfig
 
@@ -151,10 +151,14 @@ def test_cache_keys_name_the_recipe_of_retrieval_graphs(monkeypatch):
         return reconstruction_options(NetworkConfig(), PairsConfig(scene_graph=graph), AlignConfig(), PointsConfig())
 
     for name, value in (("RECIPE", "another-recipe"), ("SEQUENCE_GAP", 0.2)):   # pairs, and the order they read
-        before = {g: key(g) for g in (None, "retrieval-8+far", "swin-3")}
+        before = {g: key(g) for g in (None, "retrieval-8+far", "swin-3", "complete")}
         monkeypatch.setattr(retrieval, name, value)
         assert key(None) != before[None] and key("retrieval-8+far") != before["retrieval-8+far"]
-        assert key("swin-3") == before["swin-3"]
+        assert key("swin-3") == before["swin-3"] and key("complete") == before["complete"]
+    before = {g: key(g) for g in (None, "swin-3", "complete")}
+    monkeypatch.setattr(robust, "SEQUENCE_RULE", "another rule")          # how the aligner reads an order
+    assert key(None) != before[None] and key("swin-3") != before["swin-3"]
+    assert key("complete") == before["complete"]
 
 
 def test_far_links_skip_images_less_alike_than_unrelated_ones():
@@ -199,3 +203,5 @@ def test_engine_records_rendered_frames_in_order_as_a_sequence():
         preds = inference_graph(views, net, "retrieval-3", verbose=False)
         assert preds.ordered == sequence
         assert inference_graph(views, net, "retrieval-3", verbose=False, ordered=True).ordered   # given: kept
+    assert inference_graph(views[:6], net, "swin-2-noncyclic", verbose=False).ordered       # the graph's name says so
+    assert not inference_graph(views[:6], net, "complete", verbose=False).ordered

@@ -106,13 +106,32 @@ def test_sequence_prior_keeps_a_closed_loop_from_folding():
     w = torch.ones(len(e), dtype=torch.float64)
     seq = sequence_weights(e, 2, 5.0)
     assert torch.equal(seq, torch.from_numpy(np.where((np.abs(i - j) <= 2), 5.0, 1.0)))   # not the loop's closure
-    for weights, folded in ((w, True), (w * seq, False)):
+    closed = sequence_weights(e, 2, 5.0, n)                    # the graph links the ends: its seam pairs count too
+    assert torch.equal(closed, torch.from_numpy(np.where(np.minimum(np.abs(i - j), n - np.abs(i - j)) <= 2, 5.0, 1.0)))
+    assert not torch.equal(closed, seq)
+    for weights, folded in ((w, True), (w * seq, False), (w * closed, False)):
         R, _ = consensus_rotations(n, i, j, Rrel, weights, 15.0, 32)
         err = torch.rad2deg(rotation_residuals(R, i, j, true_rel))
         assert (float(err.max()) > 90) == folded
         keep, _ = reject_edges(n, e, Rrel, torch.ones(len(e), dtype=torch.float64), weights)
         assert int(keep[wrong].sum()) == (int(wrong.sum()) if folded else 0)   # the fold keeps every wrong pair
     assert keep[~wrong].all()                                                  # the loop every right one
+
+
+def test_a_graph_closes_the_sequence_when_it_pairs_its_ends_as_neighbours():
+    from dust3r_ns.align.robust import closes_loop
+    from dust3r_ns.pairs import graph_edges
+
+    n = 20
+    for graph, closed in (("swin-3", True), ("logwin-4", True), ("swin-2", True), ("swin-1", False),
+                          ("swin-3-noncyclic", False), ("logwin-4-noncyclic", False), ("complete", False)):
+        assert closes_loop(np.array(graph_edges(n, graph)), n, 2) == closed, graph
+    open_path = [(a, a + d) for a in range(n) for d in (1, 2) if a + d < n] + [(0, n - 1)]   # one far link to the end
+    assert not closes_loop(np.array(open_path), n, 2)
+    assert closes_loop(np.array(open_path + [(n - 2, 0), (n - 1, 1)]), n, 2)
+    assert not closes_loop(np.array(graph_edges(5, "swin-3")), 5, 2)                   # too short to tell a seam
+    e = np.array(graph_edges(n, "swin-2-noncyclic"))
+    assert torch.equal(sequence_weights(e, 2, 3.0, n), sequence_weights(e, 2, 3.0))      # open: plain index gaps
 
 
 def test_alignment_reads_the_sequence_order_from_the_predictions(orbit_case, monkeypatch):

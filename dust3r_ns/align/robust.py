@@ -341,12 +341,37 @@ def restore_edges(saved: Saved, back: np.ndarray) -> None:
             t[k[sel]] = w[sel]
 
 
-def sequence_weights(edges: np.ndarray, window: int, weight: float) -> torch.Tensor:
+SEQUENCE_RULE = "index gap, loop seam"
+"""How the sequence prior finds neighbouring frames (`sequence_weights`); cache keys of input that may be ordered
+name it, so a changed rule does not serve reconstructions made under the old one."""
+
+
+def closes_loop(edges: np.ndarray, n_images: int, window: int) -> bool:
+    """Whether the pair graph links the two ends of a sequence of `n_images` frames as neighbours: every pair of a
+    first and a last frame that would be at most `window` apart around a loop, (a, N - 1 - b) with a + b < window,
+    is an edge (in either order), in a graph that pairs at most half of all the frame pairs (a dense graph, e.g.
+    complete, pairs everything and says nothing about the ends). A cyclic swin/logwin graph closes the sequence; a
+    retrieval graph does when the video's ends look alike (it came back to its start); an open path's ends are not
+    content neighbours."""
+    if n_images <= 2 * window + 1:
+        return False
+    have = {(min(int(i), int(j)), max(int(i), int(j))) for i, j in np.asarray(edges).reshape(-1, 2) if i != j}
+    if len(have) > n_images * (n_images - 1) // 4:
+        return False
+    return all((a, n_images - 1 - b) in have for a in range(window) for b in range(window - a))
+
+
+def sequence_weights(edges: np.ndarray, window: int, weight: float, n_images: int | None = None) -> torch.Tensor:
     """[E] float64 factors of the consensus weights for frames of one sequence: `weight` on the edges (i, j) with
-    0 < |i - j| <= `window`, 1 elsewhere. Neighbouring frames of a video overlap whatever they show, while a pair
-    network's wrong pairs link distant frames (the far side of a loop seen mirrored): on a rendered 350-degree loop
-    of 50 frames those outweigh the sequence, and the consensus picks a folded loop, unless the sequence counts more."""
+    0 < gap(i, j) <= `window`, 1 elsewhere; gap = |i - j|, or min(|i - j|, N - |i - j|) when the graph closes the
+    sequence into a loop (`closes_loop`, given `n_images` = N). Neighbouring frames of a video overlap whatever they
+    show, while a pair network's wrong pairs link distant frames (the far side of a loop seen mirrored): on a
+    rendered 350-degree loop of 50 frames those outweigh the sequence, and the consensus picks a folded loop, unless
+    the sequence counts more; when the loop closes, the pairs across its seam are neighbours too."""
+    edges = np.asarray(edges).reshape(-1, 2)
     gap = np.abs(edges[:, 0] - edges[:, 1])
+    if n_images is not None and closes_loop(edges, n_images, window):
+        gap = np.minimum(gap, n_images - gap)
     return torch.as_tensor(np.where((gap > 0) & (gap <= window), float(weight), 1.0))
 
 
@@ -360,7 +385,7 @@ def detect_outliers(data: PairData, cfg: RobustConfig, ordered: bool = False) ->
     rho, Rrel, _t = relative_similarities(data, own_maps(data, score))
     w = prior_weights(score, cfg.gamma)
     if ordered:
-        w = w * sequence_weights(data.edges_np, cfg.sequence_window, cfg.sequence_weight)
+        w = w * sequence_weights(data.edges_np, cfg.sequence_window, cfg.sequence_weight, data.n_images)
     keep, rep = reject_edges(data.n_images, data.edges_np, Rrel, rho, w,
                              inlier_deg=cfg.inlier_deg, reject_deg_min=cfg.reject_deg, reject_factor=cfg.reject_factor,
                              scale_tol=cfg.scale_tol, hypotheses=cfg.hypotheses, seed=cfg.seed)
