@@ -674,8 +674,9 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", *,
         raw.class_name, raw.options = MODEL_CLASS, _check_options(MODEL_CLASS, dict(config), "config=")
     if raw.class_name is None:
         raise CheckpointError(
-            f"checkpoint {raw.source} carries no model options (bare state dict or no {_HF_CONFIG}); pass spec= or "
-            "config= with the constructor options")
+            f"checkpoint {raw.source} carries no model options (bare state dict or no {_HF_CONFIG}); pass an official "
+            f"checkpoint (a .pth with its 'args', or a Hugging Face folder with {_HF_CONFIG} and the weights), or load "
+            "this one from Python with spec= or config= giving the constructor options")
     if raw.class_name == CROCO_CLASS:
         raise CheckpointError(
             f"{raw.source} is a CroCo pretraining checkpoint ({CROCO_CLASS}) without DUSt3R heads; use it to "
